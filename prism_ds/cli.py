@@ -1,0 +1,118 @@
+"""`prism-ds` command line: train, sample, eval, demo, gen-sudoku.
+
+Every subcommand takes --recipe (a shipped recipe name or a YAML path) and trailing dotted
+overrides such as `model.hidden=256 finetune.steps=500`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prism_ds.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_recipe: str | None = "sudoku_cpu") -> None:
+    p.add_argument("--recipe", default=default_recipe, help="recipe name in prism_ds/recipes or a YAML path "
+                                                            f"(default: {default_recipe})")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.hidden=256")
+    p.add_argument("--no-progress", action="store_true", help="hide tqdm progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="prism-ds", description="PRISM self-correcting masked diffusion on DeepSpeed")
+    # The deepspeed launcher passes --local_rank=N before the subcommand (LOCAL_RANK is also in the env).
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run one training stage (pretrain = MDM loss, finetune = PRISM loss)")
+    p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
+    _add_config_args(p)
+
+    p = sub.add_parser("sample", help="solve puzzles from a CSV with a checkpoint and one remask policy")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/sudoku/finetune/final)")
+    p.add_argument("--puzzles", required=True, help="CSV of puzzles in the paper's format (0 = blank)")
+    p.add_argument("--out", required=True, help="CSV to write the filled boards to")
+    p.add_argument("--steps", type=int, required=True, help="number of sampler steps (forward passes)")
+    p.add_argument("--policy", default="prism", help="remask policy: none, prism, remdm, remdm-conf")
+    _add_config_args(p, default_recipe=None)
+
+    p = sub.add_parser("eval", help="success table (steps x policy) of a checkpoint on the run's puzzles")
+    p.add_argument("--checkpoint", required=True)
+    _add_config_args(p)
+
+    p = sub.add_parser("demo", help="generate data, pretrain, PRISM fine-tune, evaluate (the CPU Sudoku demo)")
+    _add_config_args(p)
+
+    p = sub.add_parser("gen-sudoku", help="write solved boards or unique-solution puzzles as CSV")
+    p.add_argument("--box-rows", type=int, default=3)
+    p.add_argument("--box-cols", type=int, default=3)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--blanks", type=int, default=0, help="0 writes solved boards; >0 writes puzzles")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    progress = not getattr(args, "no_progress", False)
+    if args.command == "gen-sudoku":
+        from prism_ds.sudoku.board import BoardSpec, write_csv
+        from prism_ds.sudoku.generator import make_puzzles, random_solutions
+
+        spec = BoardSpec(args.box_rows, args.box_cols)
+        boards = (make_puzzles(spec, args.count, args.blanks, args.seed) if args.blanks
+                  else random_solutions(spec, args.count, args.seed))
+        write_csv(args.out, boards)
+        print(f"wrote {len(boards)} boards to {args.out}")
+        return
+    if args.command == "sample":
+        _sample(args, progress)
+        return
+    cfg = load_config(args.recipe, args.overrides)
+    from prism_ds import demo
+
+    if args.command == "train":
+        print(f"[prism-ds] {args.stage} finished: {demo.train_stage(cfg, args.stage, progress)}")
+    elif args.command == "eval":
+        print(demo.evaluate_checkpoint(args.checkpoint, cfg, progress))
+    elif args.command == "demo":
+        print(demo.run_demo(cfg, progress))
+
+
+def _sample(args: argparse.Namespace, progress: bool) -> None:
+    import dataclasses
+
+    from prism_ds.config import load_config as _load
+    from prism_ds.engine.checkpoint import load_model
+    from prism_ds.sudoku.board import is_solved, read_csv, write_csv
+    from prism_ds.sudoku.data import board_spec
+    from prism_ds.sudoku.evaluate import solve
+
+    model, ckpt_cfg = load_model(args.checkpoint)
+    # Sampler settings: the checkpoint's run config, then the recipe (if given), then overrides.
+    sampler = _load(args.recipe, args.overrides).sampler if (args.recipe or args.overrides) else ckpt_cfg.sampler
+    spec = board_spec(ckpt_cfg)
+    puzzles = read_csv(args.puzzles, spec)
+    filled = solve(model, spec, puzzles, args.steps, args.policy, dataclasses.replace(sampler), progress=progress)
+    write_csv(args.out, filled)
+    ok = is_solved(spec, filled, puzzles).float().mean().item()
+    print(f"wrote {len(filled)} boards to {args.out}; solved {100 * ok:.1f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `prism-ds` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"prism-ds: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"prism-ds: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

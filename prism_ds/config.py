@@ -1,0 +1,220 @@
+"""Typed run configuration: dataclasses loaded from YAML recipes with dotted command-line overrides.
+
+    cfg = load_config("sudoku_6x6_cpu", ["model.hidden=256", "finetune.steps=100"])
+
+Unknown keys and ill-typed values raise ConfigError naming the file (or override) and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names where it came from."""
+
+
+@dataclass
+class ModelConfig:
+    """DiT backbone size (vocabulary size and length come from the data)."""
+
+    hidden: int = 128
+    n_blocks: int = 4
+    n_heads: int = 4
+    cond_dim: int = 64
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+
+
+@dataclass
+class QualityHeadConfig:
+    """Which quality head to attach for PRISM fine-tuning."""
+
+    kind: str = "linear"
+
+
+@dataclass
+class MaskingConfig:
+    """Masking process: mask probability (1 - eps) * t with t ~ U(eps, 1) per sample."""
+
+    eps: float = 1e-3
+    antithetic: bool = True
+
+
+@dataclass
+class PrismConfig:
+    """y-construction and loss weighting (Algorithm 1, appendix D.3/D.4)."""
+
+    k: int = 4
+    n_y: int = 1
+    y_positions: str = "random"  # random | confidence
+    nucleus_p: float = 1.0
+    temperature: float = 1.0  # 0 fills y with argmax tokens
+    lam: float = 5.0
+
+
+@dataclass
+class StageConfig:
+    """One training stage (pretraining or PRISM fine-tuning) and its DeepSpeed/optimizer settings."""
+
+    steps: int = 1000
+    micro_batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    lr_schedule: str = "constant_with_warmup"  # any transformers.get_scheduler name
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables EMA
+    freeze_backbone: bool = False
+    ds_config: str = "zero2.json"  # a file in ds_configs/ or any path
+    log_every: int = 20
+    ckpt_every: int = 200
+    init_from: str = ""  # checkpoint dir; empty = the pretrain stage's final checkpoint (finetune only)
+
+
+@dataclass
+class SudokuDataConfig:
+    """Board geometry, training data and evaluation puzzles."""
+
+    box_rows: int = 2
+    box_cols: int = 3
+    train_csv: str = ""  # empty = generate n_train solved boards into the run dir
+    n_train: int = 20000
+    eval_csv: str = ""  # empty = generate n_eval puzzles into the run dir
+    n_eval: int = 500
+    blanks: int = 22
+    seed: int = 0
+
+
+@dataclass
+class SamplerConfig:
+    """Sampling: which steps, remask policies and unmask order to run."""
+
+    steps: list[int] = field(default_factory=lambda: [6, 11, 22])
+    policies: list[str] = field(default_factory=lambda: ["none", "remdm", "remdm-conf", "prism"])
+    remask_k: int = 2
+    unmask_order: str = "random"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 500
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; recipes are YAML files with this shape."""
+
+    run_dir: str = "runs/sudoku"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quality_head: QualityHeadConfig = field(default_factory=QualityHeadConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    prism: PrismConfig = field(default_factory=PrismConfig)
+    data: SudokuDataConfig = field(default_factory=SudokuDataConfig)
+    pretrain: StageConfig = field(default_factory=StageConfig)
+    finetune: StageConfig = field(default_factory=StageConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+def _coerce(value, tp, source: str, key: str):
+    """Check/convert a YAML value to the annotated type; errors name the source and dotted key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        return _build(tp, value, source, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        items = [_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{source}: {key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls, data: dict, source: str, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    dotted = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{dotted(key)}'; valid keys here: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], source, dotted(k)) for k, v in data.items()})
+
+
+def _set_dotted(tree: dict, dotted: str, value, where: str) -> None:
+    node, cls = tree, RunConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(f"{where}: unknown key '{'.'.join(parts[:i + 1])}'; "
+                              f"valid keys here: {', '.join(sorted(fields))}")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            cls = typing.get_type_hints(cls)[part]
+            node = node.setdefault(part, {})
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe name shipped in prism_ds/recipes (without .yaml) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe '{name_or_path}' not found (not a YAML file; shipped recipes: {', '.join(names)})")
+
+
+def load_config(recipe: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a recipe (default values when None) and apply `key.sub=value` overrides in order."""
+    tree: dict = {}
+    source = "defaults"
+    if recipe:
+        path = resolve_recipe(recipe)
+        source = str(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _build(RunConfig, tree, source)  # report recipe errors against the recipe file
+    sources = source
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw), f"override '{item}'")
+        sources = f"{source} + command-line overrides"
+    return _build(RunConfig, tree, sources)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config (for YAML dumps and TensorBoard text)."""
+    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -1,0 +1,21 @@
+"""The PRISM objective (equation 3): BCE on the quality of y's filled tokens + lambda * MDM loss on z."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mdm_loss(logits: torch.Tensor, x: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
+             normalizer: torch.Tensor | float) -> torch.Tensor:
+    """Sum over masked positions of CE(x_i | z) / t, divided by `normalizer`.
+
+    normalizer = B * L for pretraining (MDLM); the total answer length for SFT-style data.
+    """
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")  # [B, L]
+    return (ce * masked / t[:, None]).sum() / normalizer
+
+
+def prism_loss(quality_logits: torch.Tensor, label: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits between g_i(y) and 1[x_i = y_i], averaged over all chosen positions."""
+    bce = F.binary_cross_entropy_with_logits(quality_logits.float(), label, reduction="none")
+    return (bce * chosen).sum() / chosen.sum().clamp_min(1)

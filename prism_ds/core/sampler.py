@@ -1,0 +1,47 @@
+"""The one sampling loop (Algorithm 3) for every model: unmask by a schedule, remask by a policy.
+
+Each step makes one forward pass that gives the unmasking logits and, when the policy needs it, the
+quality of the current tokens. Fixed tokens (Sudoku clues, prompts) are never changed.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from prism_ds.core.remask import needs_quality, remask_scores
+from prism_ds.core.sampling_utils import sample_tokens, select_top
+from prism_ds.core.schedules import Schedule, unmask_scores
+
+
+@torch.no_grad()
+def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_steps: int, schedule: Schedule,
+           policy: str = "none", unmask_order: str = "random", temperature: float = 1.0, top_p: float = 1.0,
+           allowed_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Fill every non-fixed mask in `tokens` [B, L] within num_steps forward passes; returns new tokens.
+
+    allowed_tokens: optional bool [V]; tokens outside it are never sampled.
+    """
+    if num_steps < 1:
+        raise ValueError(f"sampler steps={num_steps} must be >= 1")
+    tokens = tokens.clone()
+    masked = (tokens == mask_id) & ~fixed
+    target = masked.sum(1)
+    # Probability each token had when it was unmasked (ReMDM-conf); fixed/initial tokens are never remasked.
+    confidence = torch.ones(tokens.shape, dtype=torch.float64, device=tokens.device)
+    for step in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
+        out = model(tokens, need_logits=True, need_quality=needs_quality(policy))
+        logits = out.logits.double()
+        logits[..., mask_id] = float("-inf")  # a sampled token is never the mask
+        if allowed_tokens is not None:  # e.g. only digits may fill a Sudoku cell
+            logits[..., ~allowed_tokens] = float("-inf")
+        plan = schedule.plan(step, num_steps, masked, target, remasking=policy != "none")
+        clean = ~masked & ~fixed & plan.window
+        remask = (select_top(remask_scores(policy, out.quality, confidence, generator), clean, plan.remask)
+                  if policy != "none" else torch.zeros_like(masked))
+        proposal, proposal_prob = sample_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
+        unmask = select_top(unmask_scores(unmask_order, proposal_prob, generator), masked & plan.window, plan.unmask)
+        tokens = torch.where(unmask, proposal, tokens).masked_fill(remask, mask_id)
+        confidence = torch.where(unmask, proposal_prob, confidence)
+        masked = (masked & ~unmask) | remask
+    return tokens

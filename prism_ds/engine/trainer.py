@@ -1,0 +1,158 @@
+"""The training loop: DeepSpeed engine, the PRISM/MDM loss, TensorBoard, checkpoints.
+
+Both stages share it: "pretrain" trains the MDM alone, "finetune" attaches the quality head and
+trains with the PRISM objective (backbone trainable or frozen).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from prism_ds.config import ConfigError, RunConfig, save_config, to_dict
+from prism_ds.core.metrics import auroc
+from prism_ds.core.objective import compute_losses
+from prism_ds.engine import distributed as dist_utils
+from prism_ds.engine.checkpoint import load_backbone, save_checkpoint
+from prism_ds.models.prism_model import build_model
+
+STAGES = {"pretrain": "pretrain", "finetune": "prism"}  # stage name -> loss mode
+
+
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
+    """Where a stage writes its TensorBoard logs and checkpoints."""
+    return Path(cfg.run_dir) / stage
+
+
+def _check_stage(cfg: RunConfig, stage: str, train_len: int, maskable: int) -> None:
+    s = getattr(cfg, stage)
+    if stage == "finetune" and cfg.prism.k > maskable:
+        raise ConfigError(f"prism.k={cfg.prism.k} exceeds the {maskable} maskable positions of a sequence")
+    if s.ema_decay and "zero3" in s.ds_config:
+        raise ConfigError(f"{stage}.ema_decay needs ZeRO stage <= 2 (the EMA copy would defeat partitioning)")
+    if s.steps < 1 or s.micro_batch_size < 1 or s.grad_accum < 1:
+        raise ConfigError(f"{stage}.steps, .micro_batch_size and .grad_accum must be >= 1")
+    if train_len < 1:
+        raise ConfigError("training data is empty")
+
+
+class _Interrupt:
+    """Turn SIGINT/SIGTERM into a flag so the loop stops between steps and saves a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: RunConfig, stage: str, data: torch.Tensor, fixed: torch.Tensor, mask_id: int, vocab_size: int,
+          progress: bool = True) -> Path:
+    """Run one stage on `data` [N, L] (fixed [L] bool marks never-masked positions); returns the final checkpoint."""
+    import deepspeed
+
+    if stage not in STAGES:
+        raise ConfigError(f"stage '{stage}' is unknown; expected one of {sorted(STAGES)}")
+    s, mode = getattr(cfg, stage), STAGES[stage]
+    _check_stage(cfg, stage, len(data), int((~fixed).sum()))
+    dist_utils.init_distributed()
+    rank, n_ranks, device = dist_utils.rank(), dist_utils.world_size(), dist_utils.device()
+    out_dir = stage_dir(cfg, stage)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+    model = build_model(cfg.model, cfg.quality_head, vocab_size, with_head=mode == "prism")
+    if stage == "finetune":
+        init_from = s.init_from or str(stage_dir(cfg, "pretrain") / "final")
+        load_backbone(model, init_from)
+        model.backbone.requires_grad_(not s.freeze_backbone)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=s.lr, weight_decay=s.weight_decay, betas=tuple(s.betas))
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(s.lr_schedule, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=s.steps)
+    ds_config = dist_utils.build_ds_config(s, stage, n_ranks)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    ema = None
+    if s.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay))
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        save_config(cfg, out_dir / "config.yaml")
+        writer = SummaryWriter(str(out_dir / "tb"))
+        writer.add_text("config", f"```\n{to_dict(cfg)}\n```")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)  # distinct data per rank
+    fixed_batch = fixed.to(device)[None].expand(s.micro_batch_size, -1)
+    data = data.to(device)
+    n_params = sum(p.numel() for p in engine.module.parameters())
+    meta = lambda step: {"stage": stage, "step": step, "params": n_params,  # noqa: E731
+                         "trainable": sum(p.numel() for p in trainable)}
+    save_model = ema.module if ema is not None else engine.module
+
+    # Logged losses are means over the log window, not the last (noisy) micro-batch.
+    window_q, window_y, window_loss, window_tokens, t_last = [], [], [], 0, time.time()
+    bar = tqdm(range(1, s.steps + 1), desc=f"{stage} ({mode})", disable=not (progress and rank == 0))
+    step = 0
+    with _Interrupt() as interrupt:
+        for step in bar:
+            for _ in range(s.grad_accum):
+                idx = torch.randint(0, len(data), (s.micro_batch_size,), generator=gen, device=device)
+                losses = compute_losses(engine, data[idx], fixed_batch, mask_id, mode, cfg.masking, cfg.prism,
+                                        generator=gen)
+                if not torch.isfinite(losses.total):
+                    raise FloatingPointError(f"{stage}: loss is {losses.total.item()} at step {step}; "
+                                             f"last good checkpoint: {out_dir / 'last'}")
+                engine.backward(losses.total)
+                engine.step()
+                window_tokens += losses.tokens * n_ranks
+                window_loss.append([losses.total.item(), losses.mdm.item(),
+                                    losses.prism.item() if losses.prism is not None else 0.0])
+                if losses.quality is not None:
+                    window_q.append(losses.quality.cpu())
+                    window_y.append(losses.label.cpu())
+            if ema is not None:
+                ema.update_parameters(engine.module)
+            if writer is not None and (step % s.log_every == 0 or step == s.steps):
+                now = time.time()
+                mean_loss = torch.tensor(window_loss).mean(0).tolist()
+                scalars = {"loss/total": mean_loss[0], "loss/mdm": mean_loss[1],
+                           "lr": scheduler.get_last_lr()[0], "throughput/tokens_per_s": window_tokens / (now - t_last)}
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    scalars["grad_norm"] = float(grad_norm)
+                if losses.prism is not None:
+                    q, y = torch.cat(window_q), torch.cat(window_y)
+                    scalars |= {"loss/prism": mean_loss[2], "quality/auroc": auroc(q, y),
+                                "quality/frac_correct": y.mean().item()}
+                for key, value in scalars.items():
+                    writer.add_scalar(key, value, step)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in scalars.items() if k.startswith(("loss", "quality/auroc"))})
+                window_q, window_y, window_loss, window_tokens, t_last = [], [], [], 0, now
+            if step % s.ckpt_every == 0 or interrupt.requested:
+                save_checkpoint(save_model, cfg, out_dir / "last", meta(step), rank == 0)
+            if interrupt.requested:
+                if writer is not None:
+                    writer.close()
+                raise KeyboardInterrupt(f"{stage} interrupted at step {step}; checkpoint saved to {out_dir / 'last'}")
+    final = save_checkpoint(save_model, cfg, out_dir / "final", meta(step), rank == 0)
+    if writer is not None:
+        writer.close()
+    return final

@@ -1,0 +1,42 @@
+"""A backbone f_theta with an optional quality head g_theta: one forward gives logits and quality."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from prism_ds.models.dit import DiT
+from prism_ds.models.quality_heads import QualityHead, build_quality_head
+
+
+@dataclass
+class PrismOutput:
+    """Unmasking logits [B, L, V] (or None) and quality logits [B, L] (or None without a head)."""
+
+    logits: torch.Tensor | None
+    quality: torch.Tensor | None
+
+
+class PrismModel(nn.Module):
+    """Wraps a backbone returning BackboneOutput; the head is optional so plain MDMs use the same class."""
+
+    def __init__(self, backbone: nn.Module, quality_head: QualityHead | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.quality_head = quality_head
+
+    def forward(self, tokens: torch.Tensor, need_logits: bool = True, need_quality: bool = True) -> PrismOutput:
+        """One backbone pass; the vocabulary projection is skipped when logits are not needed."""
+        out = self.backbone(tokens, need_logits=need_logits)
+        quality = self.quality_head(out) if (need_quality and self.quality_head is not None) else None
+        return PrismOutput(logits=out.logits, quality=quality)
+
+
+def build_model(model_cfg, head_cfg, vocab_size: int, with_head: bool) -> PrismModel:
+    """Build the DiT backbone (and the configured quality head when with_head)."""
+    backbone = DiT(vocab_size=vocab_size, hidden=model_cfg.hidden, n_blocks=model_cfg.n_blocks,
+                   n_heads=model_cfg.n_heads, cond_dim=model_cfg.cond_dim, mlp_ratio=model_cfg.mlp_ratio,
+                   dropout=model_cfg.dropout)
+    head = build_quality_head(head_cfg.kind, model_cfg.hidden, model_cfg.cond_dim) if with_head else None
+    return PrismModel(backbone, head)

@@ -1,0 +1,147 @@
+"""The DeepSpeed engine: single-process stages, checkpoints, TensorBoard, 2-rank ZeRO-3, Ctrl-C."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from prism_ds.config import ConfigError, load_config
+from prism_ds.core.objective import compute_losses
+from prism_ds.engine.checkpoint import load_model, read_meta, save_checkpoint
+from prism_ds.models.prism_model import build_model
+from prism_ds.sudoku.board import MASK_ID
+from prism_ds.sudoku.data import board_spec, train_boards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mdm_loss(model, cfg, boards, seed=0):
+    spec = board_spec(cfg)
+    fixed = spec.separator_mask()[None].expand(len(boards), -1)
+    with torch.no_grad():
+        return compute_losses(model, boards, fixed, MASK_ID, "pretrain", cfg.masking, cfg.prism,
+                              generator=torch.Generator().manual_seed(seed)).mdm.item()
+
+
+def _scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_pretraining_lowers_the_mdm_loss(tiny_run):
+    cfg, pre, _ = tiny_run
+    boards = train_boards(cfg, progress=False)[:256]
+    trained, _ = load_model(pre)
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg.model, cfg.quality_head, board_spec(cfg).vocab_size, with_head=False).eval()
+    assert _mdm_loss(trained, cfg, boards) < 0.9 * _mdm_loss(untrained, cfg, boards)
+    assert read_meta(pre)["step"] == cfg.pretrain.steps
+
+
+def test_finetune_logs_every_monitored_scalar(tiny_run):
+    cfg, _, fine = tiny_run
+    scalars = _scalars(fine.parent / "tb")
+    for tag in ("loss/total", "loss/mdm", "loss/prism", "lr", "grad_norm", "throughput/tokens_per_s",
+                "quality/auroc", "quality/frac_correct"):
+        assert tag in scalars and len(scalars[tag]) == 3, tag
+    assert all(0.0 <= v <= 1.0 for v in scalars["quality/auroc"])
+    assert (fine.parent / "config.yaml").exists()
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tiny_run, tmp_path):
+    cfg, _, fine = tiny_run
+    model, loaded_cfg = load_model(fine)
+    assert loaded_cfg == cfg
+    tokens = torch.randint(0, board_spec(cfg).vocab_size, (4, board_spec(cfg).seq_len))
+    out = model(tokens)
+    save_checkpoint(model, cfg, tmp_path / "copy", {"step": 0}, is_writer=True)
+    again, _ = load_model(tmp_path / "copy")
+    out2 = again(tokens)
+    assert torch.equal(out.logits, out2.logits) and torch.equal(out.quality, out2.quality)
+    assert not (tmp_path / "copy.tmp").exists()
+
+
+def test_finetune_starts_from_the_pretrained_backbone_and_frozen_backbone_stays_fixed(tiny_run, tmp_path):
+    from prism_ds.demo import train_stage
+
+    cfg, pre, _ = tiny_run
+    frozen_cfg = load_config("sudoku_cpu", tiny_overrides(cfg.run_dir, **{
+        "finetune.freeze_backbone": "true", "finetune.steps": 5, "finetune.init_from": str(pre)}))
+    frozen_cfg.run_dir = str(tmp_path / "frozen")
+    ckpt = train_stage(frozen_cfg, "finetune", progress=False)
+    before, after = load_file(str(pre / "backbone.safetensors")), load_file(str(ckpt / "backbone.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    head = load_file(str(ckpt / "quality_head.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in head.items() if "linear.weight" in k)  # the head did train
+
+
+def test_bad_training_settings_are_named(tiny_run, tmp_path):
+    from prism_ds.demo import train_stage
+
+    cfg, pre, _ = tiny_run
+    bad = load_config("sudoku_cpu", tiny_overrides(tmp_path, **{"prism.k": 99, "finetune.init_from": str(pre)}))
+    with pytest.raises(ConfigError, match=r"prism.k=99 exceeds the 16 maskable positions"):
+        train_stage(bad, "finetune", progress=False)
+    wrong = load_config("sudoku_cpu", tiny_overrides(tmp_path, **{"model.hidden": 64, "finetune.init_from": str(pre)}))
+    with pytest.raises(ValueError, match=r"backbone.safetensors does not fit this model"):
+        train_stage(wrong, "finetune", progress=False)
+
+
+def _env():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the in-process fixture set these; the launcher must choose its own
+    return env
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_pretrain_and_prism_finetune(tmp_path):
+    launcher = Path(sys.executable).parent / "deepspeed"
+    for stage in ("pretrain", "finetune"):
+        cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "prism_ds.cli",
+               "train", "--stage", stage, "--no-progress", *tiny_overrides(tmp_path, **{
+                   "pretrain.ds_config": "zero3.json", "finetune.ds_config": "zero3.json",
+                   "pretrain.steps": 10, "finetune.steps": 10})]
+        proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.count(f"[prism-ds] {stage} finished") == 2  # both ranks finished
+    model, _ = load_model(tmp_path / "finetune" / "final")  # gathered from ZeRO-3 partitions
+    assert model.quality_head is not None
+    assert read_meta(tmp_path / "finetune" / "final")["step"] == 10
+    # Rank 0 alone logs; the batch is 2 ranks x micro batch.
+    assert len(list((tmp_path / "finetune" / "tb").iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path):
+    cmd = [sys.executable, "-m", "prism_ds.cli", "train", "--stage", "pretrain", "--no-progress",
+           *tiny_overrides(tmp_path, **{"pretrain.steps": 100000, "pretrain.ckpt_every": 5})]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "pretrain" / "last"
+    deadline = time.time() + 120
+    while not (last / "meta.json").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at step" in err and "checkpoint saved" in err
+    model, _ = load_model(last)
+    assert read_meta(last)["step"] >= 5
+    assert not (tmp_path / "pretrain" / "final").exists()

@@ -1,0 +1,134 @@
+"""Masking process, y-construction, the two loss terms and the two-pass training step."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prism_ds.config import MaskingConfig, ModelConfig, PrismConfig, QualityHeadConfig
+from prism_ds.core.loss import mdm_loss, prism_loss
+from prism_ds.core.masking import mask_tokens, sample_times
+from prism_ds.core.objective import compute_losses
+from prism_ds.core.sampling_utils import nucleus_filter
+from prism_ds.core.y_construction import build_y
+from prism_ds.models.prism_model import build_model
+
+MASK = 0
+
+
+def test_mask_rate_follows_t_and_fixed_positions_are_never_masked():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 5, (4000, 32), generator=gen)
+    fixed = torch.zeros_like(x, dtype=torch.bool)
+    fixed[:, :8] = True
+    mb = mask_tokens(x, fixed, MASK, eps=1e-3, generator=gen)
+    assert not mb.masked[:, :8].any()
+    assert torch.equal(mb.z[~mb.masked], x[~mb.masked]) and (mb.z[mb.masked] == MASK).all()
+    assert (mb.t >= 1e-3).all() and (mb.t <= 1).all()
+    # Per-sample mask fraction over free positions tracks (1 - eps) t.
+    frac = mb.masked[:, 8:].float().mean(1)
+    assert (frac - (1 - 1e-3) * mb.t).abs().mean() < 0.08
+    assert abs(mb.masked[:, 8:].float().mean().item() - 0.5) < 0.02  # E[t] = 1/2
+
+
+def test_antithetic_times_are_evenly_spread():
+    t = sample_times(8, eps=0.0, antithetic=True, generator=torch.Generator().manual_seed(1)).sort().values
+    gaps = t.diff()
+    assert torch.allclose(gaps, torch.full_like(gaps, 1 / 8), atol=1e-6)
+
+
+def _y_setup(batch=64, length=20, vocab=6):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(1, vocab, (batch, length), generator=gen)
+    mb = mask_tokens(x, torch.zeros_like(x, dtype=torch.bool), MASK, generator=gen)
+    logits = torch.randn(batch, length, vocab, generator=gen, requires_grad=True)
+    return x, mb, logits, gen
+
+
+def test_y_fills_exactly_k_masked_positions_per_subset():
+    x, mb, logits, gen = _y_setup()
+    yb = build_y(x, mb.z, mb.masked, logits, k=3, n_y=4, generator=gen)
+    assert yb.y.shape == (64 * 4, 20)
+    masked = mb.masked.repeat_interleave(4, 0)
+    assert (yb.chosen <= masked).all()  # only masked positions are filled
+    assert torch.equal(yb.chosen.sum(1), masked.sum(1).clamp_max(3))  # k, or all when fewer are masked
+    z = mb.z.repeat_interleave(4, 0)
+    assert torch.equal(yb.y[~yb.chosen], z[~yb.chosen])  # everything else is z
+    assert torch.equal(yb.label[yb.chosen], (yb.y == x.repeat_interleave(4, 0))[yb.chosen].float())
+    assert not yb.y.requires_grad  # the proposal is stop-gradient
+    # The n_y subsets of one z differ.
+    subsets = yb.chosen.view(64, 4, 20)
+    rows = mb.masked.sum(1) >= 6
+    assert (subsets[rows, 0] != subsets[rows, 1]).any(-1).float().mean() > 0.8
+
+
+def test_confidence_positions_pick_most_confident_and_argmax_fill():
+    x, mb, logits, gen = _y_setup()
+    yb = build_y(x, mb.z, mb.masked, logits, k=2, positions="confidence", temperature=0.0, generator=gen)
+    conf = logits.detach().softmax(-1).amax(-1).masked_fill(~mb.masked, -1)
+    for row in range(8):
+        if mb.masked[row].sum() >= 2:
+            assert set(yb.chosen[row].nonzero().flatten().tolist()) == set(conf[row].topk(2).indices.tolist())
+    assert torch.equal(yb.y[yb.chosen], logits.detach().argmax(-1)[yb.chosen])
+
+
+def test_bad_y_settings_raise():
+    x, mb, logits, gen = _y_setup()
+    with pytest.raises(ValueError, match="prism.y_positions"):
+        build_y(x, mb.z, mb.masked, logits, k=1, positions="leftmost")
+    with pytest.raises(ValueError, match="prism.k"):
+        build_y(x, mb.z, mb.masked, logits, k=0)
+
+
+def test_nucleus_keeps_smallest_set_reaching_p():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = torch.isfinite(nucleus_filter(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(nucleus_filter(logits, 0.4)).sum() == 1
+
+
+def test_mdm_loss_is_ce_over_t_on_masked_positions():
+    x, mb, logits, _ = _y_setup(batch=4, length=5)
+    got = mdm_loss(logits, x, mb.masked, mb.t, normalizer=x.numel())
+    want = sum(F.cross_entropy(logits[b, i], x[b, i]) / mb.t[b]
+               for b in range(4) for i in range(5) if mb.masked[b, i]) / 20
+    assert torch.allclose(got, torch.as_tensor(want, dtype=got.dtype))
+
+
+def test_prism_loss_is_mean_bce_over_chosen_positions():
+    q = torch.tensor([[2.0, -1.0, 0.5]])
+    label = torch.tensor([[1.0, 0.0, 1.0]])
+    chosen = torch.tensor([[True, True, False]])
+    want = (-math.log(torch.sigmoid(torch.tensor(2.0))) - math.log(1 - torch.sigmoid(torch.tensor(-1.0)))) / 2
+    assert abs(prism_loss(q, label, chosen).item() - want) < 1e-6
+
+
+class _CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, tokens, need_logits=True, need_quality=True):
+        self.calls.append((need_logits, need_quality))
+        return self.model(tokens, need_logits=need_logits, need_quality=need_quality)
+
+
+def test_prism_step_makes_exactly_two_backbone_passes_and_trains_head_and_backbone():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=32, n_blocks=1, n_heads=2, cond_dim=8), QualityHeadConfig(), 7, True)
+    with torch.no_grad():  # leave the zero-init state so gradients reach every layer
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    counting = _CountingModel(model)
+    x = torch.randint(1, 7, (8, 12))
+    losses = compute_losses(counting, x, torch.zeros_like(x, dtype=torch.bool), MASK, "prism",
+                            MaskingConfig(), PrismConfig(k=2, n_y=2, lam=0.5))
+    assert counting.calls == [(True, False), (False, True)]
+    assert torch.allclose(losses.total, losses.prism + 0.5 * losses.mdm)
+    losses.prism.backward(retain_graph=True)
+    assert model.quality_head.final.linear.weight.grad.abs().sum() > 0
+    assert model.backbone.blocks[0].qkv.weight.grad.abs().sum() > 0
+    # The PRISM term trains head and backbone but never the unmasking head (y is stop-gradient data).
+    assert model.backbone.output_layer.linear.weight.grad is None
+    losses.mdm.backward()
+    assert model.backbone.output_layer.linear.weight.grad.abs().sum() > 0
