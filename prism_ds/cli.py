@@ -81,20 +81,17 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace, progress: bool) -> None:
-    import dataclasses
-
-    from prism_ds.config import load_config as _load
     from prism_ds.engine.checkpoint import load_model
     from prism_ds.sudoku.board import is_solved, read_csv, write_csv
     from prism_ds.sudoku.data import board_spec
     from prism_ds.sudoku.evaluate import solve
 
     model, ckpt_cfg = load_model(args.checkpoint)
-    # Sampler settings: the checkpoint's run config, then the recipe (if given), then overrides.
-    sampler = _load(args.recipe, args.overrides).sampler if (args.recipe or args.overrides) else ckpt_cfg.sampler
+    # Sampler settings come from the checkpoint's run config unless a recipe or overrides are given.
+    sampler = load_config(args.recipe, args.overrides).sampler if (args.recipe or args.overrides) else ckpt_cfg.sampler
     spec = board_spec(ckpt_cfg)
     puzzles = read_csv(args.puzzles, spec)
-    filled = solve(model, spec, puzzles, args.steps, args.policy, dataclasses.replace(sampler), progress=progress)
+    filled = solve(model, spec, puzzles, args.steps, args.policy, sampler, progress=progress)
     write_csv(args.out, filled)
     ok = is_solved(spec, filled, puzzles).float().mean().item()
     print(f"wrote {len(filled)} boards to {args.out}; solved {100 * ok:.1f}%")

@@ -34,7 +34,13 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, progress: bool =
     # Results depend on the puzzles and sampler settings, so they are keyed by both.
     s = cfg.sampler
     key = f"{path.stem}_k{s.remask_k}_{s.unmask_order}_T{s.temperature}_p{s.top_p}_seed{s.seed}"
-    rows = success_table(model, spec, puzzles, s, Path(checkpoint).parent / f"eval_{key}.jsonl", progress)
+    out_dir = Path(checkpoint).parent
+    rows = success_table(model, spec, puzzles, s, out_dir / f"results_{key}.jsonl", progress)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out_dir / "tb_eval" / key)) as writer:  # x axis = number of sampler steps
+        for row in rows:
+            writer.add_scalar(f"success/{row['policy']}", row["success"], row["steps"])
     header = (f"Success rate on {len(puzzles)} {spec.n}x{spec.n} puzzles with {cfg.data.blanks} blanks "
               f"({path}); remask K={s.remask_k}, unmask order {s.unmask_order}, temperature {s.temperature}")
     return header + "\n\n" + format_table(rows)

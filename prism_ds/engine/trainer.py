@@ -5,19 +5,17 @@ trains with the PRISM objective (backbone trainable or frozen).
 """
 from __future__ import annotations
 
-import math
 import signal
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from prism_ds.config import ConfigError, RunConfig, save_config, to_dict
-from prism_ds.core.metrics import auroc
 from prism_ds.core.objective import compute_losses
 from prism_ds.engine import distributed as dist_utils
 from prism_ds.engine.checkpoint import load_backbone, save_checkpoint
+from prism_ds.engine.monitor import Monitor
 from prism_ds.models.prism_model import build_model
 
 STAGES = {"pretrain": "pretrain", "finetune": "prism"}  # stage name -> loss mode
@@ -92,23 +90,16 @@ def train(cfg: RunConfig, stage: str, data: torch.Tensor, fixed: torch.Tensor, m
 
         ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay))
 
-    writer = None
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
         save_config(cfg, out_dir / "config.yaml")
-        writer = SummaryWriter(str(out_dir / "tb"))
-        writer.add_text("config", f"```\n{to_dict(cfg)}\n```")
+    monitor = Monitor(out_dir / "tb" if rank == 0 else None, s.log_every, n_ranks, str(to_dict(cfg)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)  # distinct data per rank
     fixed_batch = fixed.to(device)[None].expand(s.micro_batch_size, -1)
     data = data.to(device)
-    n_params = sum(p.numel() for p in engine.module.parameters())
-    meta = lambda step: {"stage": stage, "step": step, "params": n_params,  # noqa: E731
-                         "trainable": sum(p.numel() for p in trainable)}
+    meta = {"stage": stage, "params": sum(p.numel() for p in engine.module.parameters()),
+            "trainable": sum(p.numel() for p in trainable)}
     save_model = ema.module if ema is not None else engine.module
 
-    # Logged losses are means over the log window, not the last (noisy) micro-batch.
-    window_q, window_y, window_loss, window_tokens, t_last = [], [], [], 0, time.time()
     bar = tqdm(range(1, s.steps + 1), desc=f"{stage} ({mode})", disable=not (progress and rank == 0))
     step = 0
     with _Interrupt() as interrupt:
@@ -122,37 +113,18 @@ def train(cfg: RunConfig, stage: str, data: torch.Tensor, fixed: torch.Tensor, m
                                              f"last good checkpoint: {out_dir / 'last'}")
                 engine.backward(losses.total)
                 engine.step()
-                window_tokens += losses.tokens * n_ranks
-                window_loss.append([losses.total.item(), losses.mdm.item(),
-                                    losses.prism.item() if losses.prism is not None else 0.0])
-                if losses.quality is not None:
-                    window_q.append(losses.quality.cpu())
-                    window_y.append(losses.label.cpu())
+                monitor.record(losses)
             if ema is not None:
                 ema.update_parameters(engine.module)
-            if writer is not None and (step % s.log_every == 0 or step == s.steps):
-                now = time.time()
-                mean_loss = torch.tensor(window_loss).mean(0).tolist()
-                scalars = {"loss/total": mean_loss[0], "loss/mdm": mean_loss[1],
-                           "lr": scheduler.get_last_lr()[0], "throughput/tokens_per_s": window_tokens / (now - t_last)}
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    scalars["grad_norm"] = float(grad_norm)
-                if losses.prism is not None:
-                    q, y = torch.cat(window_q), torch.cat(window_y)
-                    scalars |= {"loss/prism": mean_loss[2], "quality/auroc": auroc(q, y),
-                                "quality/frac_correct": y.mean().item()}
-                for key, value in scalars.items():
-                    writer.add_scalar(key, value, step)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in scalars.items() if k.startswith(("loss", "quality/auroc"))})
-                window_q, window_y, window_loss, window_tokens, t_last = [], [], [], 0, now
+            logged = monitor.maybe_log(step, s.steps, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
+            if logged:
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logged.items()
+                                 if k.startswith(("loss", "quality/auroc"))})
             if step % s.ckpt_every == 0 or interrupt.requested:
-                save_checkpoint(save_model, cfg, out_dir / "last", meta(step), rank == 0)
+                save_checkpoint(save_model, cfg, out_dir / "last", {**meta, "step": step}, rank == 0)
             if interrupt.requested:
-                if writer is not None:
-                    writer.close()
+                monitor.close()
                 raise KeyboardInterrupt(f"{stage} interrupted at step {step}; checkpoint saved to {out_dir / 'last'}")
-    final = save_checkpoint(save_model, cfg, out_dir / "final", meta(step), rank == 0)
-    if writer is not None:
-        writer.close()
+    final = save_checkpoint(save_model, cfg, out_dir / "final", {**meta, "step": step}, rank == 0)
+    monitor.close()
     return final
