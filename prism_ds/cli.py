@@ -86,12 +86,17 @@ def _sample(args: argparse.Namespace, progress: bool) -> None:
     from prism_ds.sudoku.data import board_spec
     from prism_ds.sudoku.evaluate import solve
 
-    model, ckpt_cfg = load_model(args.checkpoint)
-    # Sampler settings come from the checkpoint's run config unless a recipe or overrides are given.
-    sampler = load_config(args.recipe, args.overrides).sampler if (args.recipe or args.overrides) else ckpt_cfg.sampler
+    from pathlib import Path
+
+    from prism_ds.engine.distributed import device
+
+    model, ckpt_cfg = load_model(args.checkpoint, device())
+    # Sampler settings: the checkpoint's run config, then --recipe (if given), then the overrides.
+    recipe = args.recipe or str(Path(args.checkpoint) / "config.yaml")
+    sampler = load_config(recipe, args.overrides).sampler if (args.recipe or args.overrides) else ckpt_cfg.sampler
     spec = board_spec(ckpt_cfg)
     puzzles = read_csv(args.puzzles, spec)
-    filled = solve(model, spec, puzzles, args.steps, args.policy, sampler, progress=progress)
+    filled = solve(model, spec, puzzles.to(device()), args.steps, args.policy, sampler, progress=progress).cpu()
     write_csv(args.out, filled)
     ok = is_solved(spec, filled, puzzles).float().mean().item()
     print(f"wrote {len(filled)} boards to {args.out}; solved {100 * ok:.1f}%")

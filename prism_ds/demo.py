@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from prism_ds.config import RunConfig
-from prism_ds.engine.checkpoint import load_model
+from prism_ds.engine import distributed as dist_utils
+from prism_ds.engine.checkpoint import load_model, read_meta
 from prism_ds.engine.trainer import stage_dir, train
 from prism_ds.sudoku.board import MASK_ID
 from prism_ds.sudoku.data import board_spec, eval_puzzles, train_boards
@@ -22,20 +23,29 @@ def train_stage(cfg: RunConfig, stage: str, progress: bool = True) -> Path:
         print(f"[prism-ds] {stage}: using existing {final}")
         return final
     spec = board_spec(cfg)
-    boards = train_boards(cfg, progress)
+    dist_utils.init_distributed()
+    if dist_utils.rank() == 0:  # rank 0 generates (or validates) the data; the others then read its file
+        train_boards(cfg, progress)
+    dist_utils.barrier()
+    boards = train_boards(cfg, progress=False)
     return train(cfg, stage, boards, spec.separator_mask(), MASK_ID, spec.vocab_size, progress)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, progress: bool = True) -> str:
     """Success table of a checkpoint on the run's evaluation puzzles; results are cached next to it."""
-    model, _ = load_model(checkpoint)
+    device = dist_utils.device()
+    model, ckpt_cfg = load_model(checkpoint, device)
+    spec = board_spec(ckpt_cfg)
+    if board_spec(cfg) != spec:
+        raise ValueError(f"{checkpoint} was trained on {spec.n}x{spec.n} boards but data.box_rows/box_cols "
+                         f"ask for {board_spec(cfg).n}x{board_spec(cfg).n}")
     puzzles, path = eval_puzzles(cfg, progress)
-    spec = board_spec(cfg)
-    # Results depend on the puzzles and sampler settings, so they are keyed by both.
+    # Results depend on the checkpoint, the puzzles and the sampler settings, so they are keyed by all three.
     s = cfg.sampler
-    key = f"{path.stem}_k{s.remask_k}_{s.unmask_order}_T{s.temperature}_p{s.top_p}_seed{s.seed}"
+    key = (f"{Path(checkpoint).name}_step{read_meta(checkpoint)['step']}_{path.stem}_k{s.remask_k}_{s.unmask_order}"
+           f"_T{s.temperature}_p{s.top_p}_seed{s.seed}")
     out_dir = Path(checkpoint).parent
-    rows = success_table(model, spec, puzzles, s, out_dir / f"results_{key}.jsonl", progress)
+    rows = success_table(model, spec, puzzles.to(device), s, out_dir / f"results_{key}.jsonl", progress)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out_dir / "tb_eval" / key)) as writer:  # x axis = number of sampler steps
@@ -51,9 +61,7 @@ def run_demo(cfg: RunConfig, progress: bool = True) -> str:
     t0 = time.time()
     train_stage(cfg, "pretrain", progress)
     final = train_stage(cfg, "finetune", progress)
-    from prism_ds.engine.distributed import rank
-
-    if rank() != 0:
+    if dist_utils.rank() != 0:
         return ""
     table = evaluate_checkpoint(final, cfg, progress)
     report = f"{table}\n\nTotal demo wall time: {time.time() - t0:.0f} s (stages already done were skipped)"

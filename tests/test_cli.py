@@ -61,6 +61,13 @@ def test_sample_reports_bad_inputs(tiny_run, tmp_path, capsys):
     assert "needs a model with a quality head" in capsys.readouterr().err
 
 
+def test_eval_rejects_a_board_size_the_checkpoint_was_not_trained_on(tiny_run, tmp_path, capsys):
+    cfg, _, fine = tiny_run
+    args = ["eval", "--checkpoint", str(fine), "--no-progress", *tiny_overrides(tmp_path)]
+    assert main(args + ["data.box_cols=3"]) == 2
+    assert "trained on 4x4 boards" in capsys.readouterr().err
+
+
 def test_bad_override_exits_with_a_named_key(capsys):
     assert main(["train", "--stage", "pretrain", "model.hiddn=3"]) == 2
     assert "unknown key 'model.hiddn'" in capsys.readouterr().err

@@ -96,6 +96,33 @@ def test_bad_training_settings_are_named(tiny_run, tmp_path):
         train_stage(wrong, "finetune", progress=False)
 
 
+def test_pretrain_init_from_is_rejected(tmp_path):
+    from prism_ds.demo import train_stage
+
+    cfg = load_config("sudoku_cpu", tiny_overrides(tmp_path, **{"pretrain.init_from": "x"}))
+    with pytest.raises(ConfigError, match="pretrain.init_from is not supported"):
+        train_stage(cfg, "pretrain", progress=False)
+
+
+def test_ema_is_fp32_and_moves_where_a_bf16_copy_would_not():
+    from prism_ds.engine.ema import EMA
+
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    ema = EMA(model, decay=0.9999)
+    assert all(p.dtype == torch.float32 for p in ema.module.parameters())
+    start = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(0.5)
+    for _ in range(10):
+        ema.update(model)
+    moved = (ema.module.weight - start).abs().mean().item()
+    assert moved == pytest.approx(0.5 * (1 - 0.9999 ** 10), rel=0.05)
+    # The same update kept in bf16 is lost to rounding for typical weights.
+    bf16 = start.to(torch.bfloat16)
+    bf16_after = bf16.lerp(model.weight, 1e-4)
+    assert (bf16_after == bf16).float().mean() > 0.5
+
+
 def _env():
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

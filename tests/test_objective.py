@@ -85,6 +85,17 @@ def test_nucleus_keeps_smallest_set_reaching_p():
     kept = torch.isfinite(nucleus_filter(logits, 0.7))
     assert kept.tolist() == [[True, True, False, False]]
     assert torch.isfinite(nucleus_filter(logits, 0.4)).sum() == 1
+    # top_p <= 0 still keeps the most likely token (an all -inf row would sample token 0).
+    assert torch.isfinite(nucleus_filter(logits, 0.0)).tolist() == [[True, False, False, False]]
+
+
+def test_y_never_proposes_the_mask_token():
+    x, mb, logits, gen = _y_setup()
+    peaked = logits.detach().clone()
+    peaked[..., MASK] = 50.0  # the model's favourite token is the mask itself
+    for temperature in (0.0, 1.0):
+        yb = build_y(x, mb.z, mb.masked, peaked, k=3, temperature=temperature, generator=gen, mask_id=MASK)
+        assert (yb.y[yb.chosen] != MASK).all()
 
 
 def test_mdm_loss_is_ce_over_t_on_masked_positions():

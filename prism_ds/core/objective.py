@@ -37,7 +37,7 @@ def compute_losses(model, x: torch.Tensor, fixed: torch.Tensor, mask_id: int, mo
         return StepLosses(total=mdm, mdm=mdm, tokens=x.numel())
     yb = build_y(x, batch.z, batch.masked, out_z.logits, k=prism_cfg.k, n_y=prism_cfg.n_y,
                  positions=prism_cfg.y_positions, top_p=prism_cfg.nucleus_p, temperature=prism_cfg.temperature,
-                 generator=generator)
+                 generator=generator, mask_id=mask_id)
     quality = model(yb.y, need_logits=False, need_quality=True).quality
     prism = prism_loss(quality, yb.label, yb.chosen)
     return StepLosses(total=prism + prism_cfg.lam * mdm, mdm=mdm, prism=prism,

@@ -25,7 +25,7 @@ def remask_scores(policy: str, quality: torch.Tensor | None, confidence: torch.T
     """Score [B, L] for each position; the sampler remasks the top-scoring eligible clean tokens."""
     if policy == "prism":
         if quality is None:
-            raise ValueError("sampler.policy='prism' needs a model with a quality head (train with mode=prism)")
+            raise ValueError("sampler.policy='prism' needs a model with a quality head (fine-tune one with `prism-ds train --stage finetune`)")
         return -quality.double()
     if policy == "remdm":
         return gumbel_noise(confidence.shape, generator, confidence.device)

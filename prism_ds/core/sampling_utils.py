@@ -18,6 +18,7 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(-1)
     # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
     drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+    drop_sorted[..., 0] = False  # even top_p <= 0 keeps the argmax, never an all -inf row
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -23,16 +23,20 @@ class YBatch:
 
 def build_y(x: torch.Tensor, z: torch.Tensor, masked: torch.Tensor, logits: torch.Tensor, k: int, n_y: int = 1,
             positions: str = "random", top_p: float = 1.0, temperature: float = 1.0,
-            generator: torch.Generator | None = None) -> YBatch:
+            generator: torch.Generator | None = None, mask_id: int | None = None) -> YBatch:
     """Fill k masked positions of each z (n_y independent subsets) with tokens sampled from f(. | z).
 
     positions: "random" picks the subset uniformly; "confidence" picks the masked positions where
     f is most confident (max probability). Rows with fewer than k masked positions use them all.
     temperature 0 fills with argmax (the paper's LLaDA recipe); otherwise nucleus sampling with top_p.
+    mask_id: the mask token is never proposed (nor counted in the confidence), as at sampling time.
     """
     if k < 1 or n_y < 1:
         raise ValueError(f"prism.k={k} and prism.n_y={n_y} must be >= 1")
     logits = logits.detach()  # stop-gradient: y is data for the quality head, not a path for f's gradient
+    if mask_id is not None:
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
     rep = lambda t: t.repeat_interleave(n_y, dim=0)  # noqa: E731
     x, z, masked, logits = rep(x), rep(z), rep(masked), rep(logits)
     if positions == "random":

@@ -34,8 +34,14 @@ def save_checkpoint(model: torch.nn.Module, cfg: RunConfig, path: str | Path, me
     path = Path(path)
     backbone = _gathered_state(model.backbone)
     head = _gathered_state(model.quality_head) if model.quality_head is not None else None
-    if not is_writer:
-        return path
+    if is_writer:
+        _write(path, backbone, head, cfg, meta)
+    if torch.distributed.is_initialized():  # no rank reads the checkpoint before it is complete
+        torch.distributed.barrier()
+    return path
+
+
+def _write(path: Path, backbone: dict, head: dict | None, cfg: RunConfig, meta: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -50,7 +56,6 @@ def save_checkpoint(model: torch.nn.Module, cfg: RunConfig, path: str | Path, me
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def _check_dir(path: Path) -> None:

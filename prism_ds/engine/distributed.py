@@ -53,6 +53,12 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process without a process group)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def device() -> torch.device:
     """This rank's device."""
     if torch.cuda.is_available():

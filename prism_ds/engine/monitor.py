@@ -27,7 +27,9 @@ class Monitor:
         self.losses, self.quality, self.labels, self.tokens, self.since = [], [], [], 0, now
 
     def record(self, losses: StepLosses) -> None:
-        """Add one micro-step's losses, token count and quality/label pairs."""
+        """Add one micro-step's losses, token count and quality/label pairs (rank 0 only: others keep nothing)."""
+        if self.writer is None:
+            return
         self.losses.append([losses.total.item(), losses.mdm.item(),
                             losses.prism.item() if losses.prism is not None else float("nan")])
         self.tokens += losses.tokens * self.n_ranks

@@ -15,6 +15,7 @@ from prism_ds.config import ConfigError, RunConfig, save_config, to_dict
 from prism_ds.core.objective import compute_losses
 from prism_ds.engine import distributed as dist_utils
 from prism_ds.engine.checkpoint import load_backbone, save_checkpoint
+from prism_ds.engine.ema import EMA
 from prism_ds.engine.monitor import Monitor
 from prism_ds.models.prism_model import build_model
 
@@ -30,8 +31,9 @@ def _check_stage(cfg: RunConfig, stage: str, train_len: int, maskable: int) -> N
     s = getattr(cfg, stage)
     if stage == "finetune" and cfg.prism.k > maskable:
         raise ConfigError(f"prism.k={cfg.prism.k} exceeds the {maskable} maskable positions of a sequence")
-    if s.ema_decay and "zero3" in s.ds_config:
-        raise ConfigError(f"{stage}.ema_decay needs ZeRO stage <= 2 (the EMA copy would defeat partitioning)")
+    if stage == "pretrain" and s.init_from:
+        raise ConfigError("pretrain.init_from is not supported: pretraining starts from scratch "
+                          "(fine-tuning reads finetune.init_from)")
     if s.steps < 1 or s.micro_batch_size < 1 or s.grad_accum < 1:
         raise ConfigError(f"{stage}.steps, .micro_batch_size and .grad_accum must be >= 1")
     if train_len < 1:
@@ -83,12 +85,11 @@ def train(cfg: RunConfig, stage: str, data: torch.Tensor, fixed: torch.Tensor, m
 
     scheduler = get_scheduler(s.lr_schedule, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=s.steps)
     ds_config = dist_utils.build_ds_config(s, stage, n_ranks)
+    if s.ema_decay and ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
+        raise ConfigError(f"{stage}.ema_decay needs ZeRO stage <= 2 ({s.ds_config} uses stage 3; "
+                          f"a full EMA copy per rank would defeat partitioning)")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    ema = None
-    if s.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(engine.module, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay))
+    ema = EMA(engine.module, s.ema_decay) if s.ema_decay else None
 
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
@@ -96,7 +97,7 @@ def train(cfg: RunConfig, stage: str, data: torch.Tensor, fixed: torch.Tensor, m
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)  # distinct data per rank
     fixed_batch = fixed.to(device)[None].expand(s.micro_batch_size, -1)
     data = data.to(device)
-    meta = {"stage": stage, "params": sum(p.numel() for p in engine.module.parameters()),
+    meta = {"stage": stage, "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
             "trainable": sum(p.numel() for p in trainable)}
     save_model = ema.module if ema is not None else engine.module
 
@@ -109,13 +110,14 @@ def train(cfg: RunConfig, stage: str, data: torch.Tensor, fixed: torch.Tensor, m
                 losses = compute_losses(engine, data[idx], fixed_batch, mask_id, mode, cfg.masking, cfg.prism,
                                         generator=gen)
                 if not torch.isfinite(losses.total):
-                    raise FloatingPointError(f"{stage}: loss is {losses.total.item()} at step {step}; "
-                                             f"last good checkpoint: {out_dir / 'last'}")
+                    last = out_dir / "last"
+                    raise FloatingPointError(f"{stage}: loss is {losses.total.item()} at step {step}; " + (
+                        f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"))
                 engine.backward(losses.total)
                 engine.step()
                 monitor.record(losses)
             if ema is not None:
-                ema.update_parameters(engine.module)
+                ema.update(engine.module)
             logged = monitor.maybe_log(step, s.steps, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
             if logged:
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logged.items()

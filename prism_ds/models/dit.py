@@ -72,7 +72,7 @@ class DiTBlock(nn.Module):
         q, k, v = self.qkv(h).view(B, L, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
         cos, sin = rope
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout.p if self.training else 0.0)
+        attn = F.scaled_dot_product_attention(q, k, v)  # MDLM drops out residual branches only
         x = x + gate_a[:, None] * self.dropout(self.attn_out(attn.transpose(1, 2).reshape(B, L, H)))
         h = modulate(self.norm2(x), shift_m, scale_m)
         return x + gate_m[:, None] * self.dropout(self.mlp(h))

@@ -17,14 +17,14 @@ from prism_ds.sudoku.board import MASK_ID, BoardSpec, is_solved
 def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, policy: str, cfg: SamplerConfig,
           progress: bool = False) -> torch.Tensor:
     """Fill the blanks of `puzzles` [N, L] in `steps` sampler steps; clues and separators stay fixed."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=puzzles.device).manual_seed(cfg.seed)
     schedule = FixedKSchedule(remask_k=cfg.remask_k)
     outs = []
     for start in range(0, len(puzzles), cfg.batch_size):
         batch = puzzles[start:start + cfg.batch_size]
         outs.append(sample(model, batch, fixed=batch != MASK_ID, mask_id=MASK_ID, num_steps=steps, schedule=schedule,
                            policy=policy, unmask_order=cfg.unmask_order, temperature=cfg.temperature,
-                           top_p=cfg.top_p, allowed_tokens=spec.digit_tokens(), generator=gen, progress=progress))
+                           top_p=cfg.top_p, allowed_tokens=spec.digit_tokens().to(puzzles.device), generator=gen, progress=progress))
     return torch.cat(outs)
 
 
@@ -47,7 +47,7 @@ def success_table(model, spec: BoardSpec, puzzles: torch.Tensor, cfg: SamplerCon
             continue
         filled = solve(model, spec, puzzles, steps, policy, cfg)
         row = {"steps": steps, "policy": policy, "remask_k": cfg.remask_k if policy != "none" else 0,
-               "n": len(puzzles), "success": is_solved(spec, filled, puzzles).float().mean().item()}
+               "n": len(puzzles), "success": is_solved(spec, filled.cpu(), puzzles.cpu()).float().mean().item()}
         done[(steps, policy)] = row
         results_path.parent.mkdir(parents=True, exist_ok=True)
         with results_path.open("a") as fh:
