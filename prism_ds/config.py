@@ -66,17 +66,24 @@ class StageConfig:
     steps: int = 1000
     micro_batch_size: int = 64
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 3e-4  # backbone (or its LoRA adapters)
+    head_lr: float = 0.0  # quality head; 0 = lr (the paper's LLaDA run gives the head its own rate)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 100
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # fraction of steps; use this or warmup_steps, not both
     lr_schedule: str = "constant_with_warmup"  # any transformers.get_scheduler name
+    lr_cycles: int = 1  # restarts of cosine_with_restarts (the paper's LLaDA run uses 5)
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 disables EMA
     freeze_backbone: bool = False
     ds_config: str = "zero2.json"  # a file in ds_configs/ or any path
     log_every: int = 20
-    ckpt_every: int = 200
+    calib_every: int = 100  # quality-head calibration (ECE, reliability diagram, AUROC) on held-out data
+    ckpt_every: int = 200  # DeepSpeed checkpoint (model, optimizer, schedule, data position, RNG)
+    keep_last: int = 2  # DeepSpeed checkpoints kept; older ones are deleted
+    resume: bool = True  # continue from the stage's latest DeepSpeed checkpoint when there is one
+    peak_tflops: float = 0.0  # per-GPU peak for the MFU estimate; 0 = look up the GPU name
     init_from: str = ""  # checkpoint dir; empty = the pretrain stage's final checkpoint (finetune only)
 
 
@@ -92,6 +99,26 @@ class SudokuDataConfig:
     n_eval: int = 500
     blanks: int = 22
     seed: int = 0
+
+
+@dataclass
+class TextDataConfig:
+    """Prompt/solution pairs streamed through HF datasets (LLaDA-style SFT); prompts are never masked."""
+
+    source: str = ""  # local JSONL/parquet file(s): a path, a glob, or comma-separated; or a hub dataset name
+    split: str = "train"
+    prompt_field: str = "prompt"
+    solution_field: str = "solution"
+    messages_field: str = ""  # non-empty: read chat messages [{role, content}] from this column instead
+    template: str = "{prompt}"  # plain template for the prompt when the tokenizer has no chat template
+    tokenizer: str = ""  # local directory (or hub name when online)
+    max_length: int = 512  # tokens per sequence, prompt + solution + EOS
+    overlong: str = "truncate"  # truncate (the answer) | drop (the sample)
+    padding: str = "eos"  # eos: pad to max_length with EOS counted as answer (LLaDA) | bucket: length buckets
+    bucket_pool: int = 64  # bucket mode: micro-batches pooled and sorted by length before batching
+    shuffle_buffer: int = 0  # 0 keeps file order
+    seed: int = 0
+    heldout_source: str = ""  # prompt/solution file(s) for the head's calibration; empty = no calibration
 
 
 @dataclass
@@ -118,7 +145,9 @@ class RunConfig:
     quality_head: QualityHeadConfig = field(default_factory=QualityHeadConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     prism: PrismConfig = field(default_factory=PrismConfig)
+    task: str = "sudoku"  # sudoku | text (prompt/solution pairs)
     data: SudokuDataConfig = field(default_factory=SudokuDataConfig)
+    text: TextDataConfig = field(default_factory=TextDataConfig)
     pretrain: StageConfig = field(default_factory=StageConfig)
     finetune: StageConfig = field(default_factory=StageConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -11,8 +11,7 @@ from prism_ds.config import RunConfig
 from prism_ds.engine import distributed as dist_utils
 from prism_ds.engine.checkpoint import load_model, read_meta
 from prism_ds.engine.trainer import stage_dir, train
-from prism_ds.sudoku.board import MASK_ID
-from prism_ds.sudoku.data import board_spec, eval_puzzles, train_boards
+from prism_ds.sudoku.data import board_spec, eval_puzzles
 from prism_ds.sudoku.evaluate import format_table, success_table
 
 
@@ -22,13 +21,7 @@ def train_stage(cfg: RunConfig, stage: str, progress: bool = True) -> Path:
     if (final / "meta.json").exists():
         print(f"[prism-ds] {stage}: using existing {final}")
         return final
-    spec = board_spec(cfg)
-    dist_utils.init_distributed()
-    if dist_utils.rank() == 0:  # rank 0 generates (or validates) the data; the others then read its file
-        train_boards(cfg, progress)
-    dist_utils.barrier()
-    boards = train_boards(cfg, progress=False)
-    return train(cfg, stage, boards, spec.separator_mask(), MASK_ID, spec.vocab_size, progress)
+    return train(cfg, stage, progress)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, progress: bool = True) -> str:

@@ -72,6 +72,13 @@ def test_confidence_positions_pick_most_confident_and_argmax_fill():
     assert torch.equal(yb.y[yb.chosen], logits.detach().argmax(-1)[yb.chosen])
 
 
+def test_each_subset_is_filled_from_its_own_z_row():
+    x, mb, logits, gen = _y_setup()
+    yb = build_y(x, mb.z, mb.masked, logits, k=2, n_y=3, temperature=0.0, generator=gen)
+    argmax = logits.detach().argmax(-1).repeat_interleave(3, 0)
+    assert yb.chosen.any() and torch.equal(yb.y[yb.chosen], argmax[yb.chosen])
+
+
 def test_bad_y_settings_raise():
     x, mb, logits, gen = _y_setup()
     with pytest.raises(ValueError, match="prism.y_positions"):
@@ -100,9 +107,15 @@ def test_y_never_proposes_the_mask_token():
 
 def test_mdm_loss_is_ce_over_t_on_masked_positions():
     x, mb, logits, _ = _y_setup(batch=4, length=5)
-    got = mdm_loss(logits, x, mb.masked, mb.t, normalizer=x.numel())
+    got = mdm_loss(logits, x, mb.masked, mb.t, lengths=x.shape[1])
     want = sum(F.cross_entropy(logits[b, i], x[b, i]) / mb.t[b]
                for b in range(4) for i in range(5) if mb.masked[b, i]) / 20
+    assert torch.allclose(got, torch.as_tensor(want, dtype=got.dtype))
+    # SFT data: each sample is normalised by its own answer length, then averaged over the batch.
+    answer = torch.tensor([1.0, 2.0, 4.0, 5.0])
+    got = mdm_loss(logits, x, mb.masked, mb.t, lengths=answer)
+    want = sum(sum(F.cross_entropy(logits[b, i], x[b, i]) / mb.t[b] for i in range(5) if mb.masked[b, i]) / answer[b]
+               for b in range(4)) / 4
     assert torch.allclose(got, torch.as_tensor(want, dtype=got.dtype))
 
 

@@ -6,13 +6,14 @@ import torch.nn.functional as F
 
 
 def mdm_loss(logits: torch.Tensor, x: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
-             normalizer: torch.Tensor | float) -> torch.Tensor:
-    """Sum over masked positions of CE(x_i | z) / t, divided by `normalizer`.
+             lengths: torch.Tensor | float) -> torch.Tensor:
+    """Per sample, the sum over masked positions of CE(x_i | z) / t divided by its length; mean over the batch.
 
-    normalizer = B * L for pretraining (MDLM); the total answer length for SFT-style data.
+    lengths = L for pretraining (so the total is normalised by B * L, as in MDLM); each sample's answer
+    length (solution + EOS pads) for prompt/solution SFT data, as in LLaDA.
     """
     ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")  # [B, L]
-    return (ce * masked / t[:, None]).sum() / normalizer
+    return ((ce * masked / t[:, None]).sum(1) / lengths).mean()
 
 
 def prism_loss(quality_logits: torch.Tensor, label: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

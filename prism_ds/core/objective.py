@@ -26,11 +26,14 @@ class StepLosses:
 
 
 def compute_losses(model, x: torch.Tensor, fixed: torch.Tensor, mask_id: int, mode: str, masking_cfg, prism_cfg,
-                   normalizer: torch.Tensor | float | None = None, generator: torch.Generator | None = None
+                   lengths: torch.Tensor | float | None = None, generator: torch.Generator | None = None
                    ) -> StepLosses:
-    """Loss for `mode` "pretrain" (MDM only) or "prism" (PRISM + lambda * MDM)."""
+    """Loss for `mode` "pretrain" (MDM only) or "prism" (PRISM + lambda * MDM).
+
+    lengths: per-sample MDM normaliser [B] (answer lengths for SFT data); None = the sequence length.
+    """
     batch = mask_tokens(x, fixed, mask_id, eps=masking_cfg.eps, antithetic=masking_cfg.antithetic, generator=generator)
-    norm = x.numel() if normalizer is None else normalizer
+    norm = x.shape[1] if lengths is None else lengths
     out_z = model(batch.z, need_logits=True, need_quality=False)
     mdm = mdm_loss(out_z.logits, x, batch.masked, batch.t, norm)
     if mode == "pretrain":

@@ -12,6 +12,15 @@ import torch
 from prism_ds.core.sampling_utils import gumbel_noise, sample_tokens, select_top
 
 
+def _without_mask(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
+    """A copy of logits where the mask token can never be drawn."""
+    if mask_id is None:
+        return logits
+    logits = logits.clone()
+    logits[..., mask_id] = float("-inf")
+    return logits
+
+
 @dataclass
 class YBatch:
     """n_y proposals per z, stacked along the batch: row r belongs to z row r // ... (repeat_interleave)."""
@@ -34,19 +43,21 @@ def build_y(x: torch.Tensor, z: torch.Tensor, masked: torch.Tensor, logits: torc
     if k < 1 or n_y < 1:
         raise ValueError(f"prism.k={k} and prism.n_y={n_y} must be >= 1")
     logits = logits.detach()  # stop-gradient: y is data for the quality head, not a path for f's gradient
-    if mask_id is not None:
-        logits = logits.clone()
-        logits[..., mask_id] = float("-inf")
     rep = lambda t: t.repeat_interleave(n_y, dim=0)  # noqa: E731
-    x, z, masked, logits = rep(x), rep(z), rep(masked), rep(logits)
     if positions == "random":
-        scores = gumbel_noise(masked.shape, generator, masked.device)
+        scores = gumbel_noise((z.shape[0] * n_y, z.shape[1]), generator, z.device)
     elif positions == "confidence":
-        scores = logits.float().softmax(-1).amax(-1)
+        scores = rep(_without_mask(logits.float(), mask_id).softmax(-1).amax(-1))
     else:
         raise ValueError(f"prism.y_positions={positions!r}: expected 'random' or 'confidence'")
+    x, z, masked = rep(x), rep(z), rep(masked)
     counts = torch.full((z.shape[0],), k, device=z.device)
     chosen = select_top(scores, masked, counts)
-    tokens, _ = sample_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
-    y = torch.where(chosen, tokens, z)
+    # Sample only at the chosen positions: the full [B, L, V] float64 Gumbel draw would cost more
+    # than the backbone pass at LLaDA's vocabulary.
+    row, pos = chosen.nonzero(as_tuple=True)
+    picked = _without_mask(logits[torch.div(row, n_y, rounding_mode="floor"), pos], mask_id)
+    tokens, _ = sample_tokens(picked, temperature=temperature, top_p=top_p, generator=generator)
+    y = z.clone()
+    y[row, pos] = tokens
     return YBatch(y=y, chosen=chosen, label=(y == x).float())

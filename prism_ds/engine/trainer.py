@@ -1,10 +1,14 @@
-"""The training loop: DeepSpeed engine, the PRISM/MDM loss, TensorBoard, checkpoints.
+"""The training loop: DeepSpeed engine, the PRISM/MDM loss, TensorBoard, checkpoints, exact resume.
 
 Both stages share it: "pretrain" trains the MDM alone, "finetune" attaches the quality head and
-trains with the PRISM objective (backbone trainable or frozen).
+trains with the PRISM objective (backbone trainable or frozen). A stage's directory holds
+    tb/            TensorBoard logs (rank 0) and config.yaml, the resolved run config
+    checkpoints/   DeepSpeed checkpoints for exact resume (engine/resume.py)
+    final/         the export of the trained weights (engine/checkpoint.py), what eval/sample read
 """
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
 
@@ -14,30 +18,32 @@ from tqdm import tqdm
 from prism_ds.config import ConfigError, RunConfig, save_config, to_dict
 from prism_ds.core.objective import compute_losses
 from prism_ds.engine import distributed as dist_utils
-from prism_ds.engine.checkpoint import load_backbone, save_checkpoint
+from prism_ds.engine.checkpoint import export_trainable, load_backbone
+from prism_ds.engine.data_source import Batch, Task, build_task, mask_seed
 from prism_ds.engine.ema import EMA
 from prism_ds.engine.monitor import Monitor
+from prism_ds.engine.optim import build_optimizer, build_scheduler
+from prism_ds.engine.resume import latest_tag, load_training_state, save_training_state, signature
 from prism_ds.models.prism_model import build_model
 
 STAGES = {"pretrain": "pretrain", "finetune": "prism"}  # stage name -> loss mode
 
 
 def stage_dir(cfg: RunConfig, stage: str) -> Path:
-    """Where a stage writes its TensorBoard logs and checkpoints."""
+    """Where a stage writes its TensorBoard logs, checkpoints and export."""
     return Path(cfg.run_dir) / stage
 
 
-def _check_stage(cfg: RunConfig, stage: str, train_len: int, maskable: int) -> None:
+def _check_stage(cfg: RunConfig, stage: str) -> None:
     s = getattr(cfg, stage)
-    if stage == "finetune" and cfg.prism.k > maskable:
-        raise ConfigError(f"prism.k={cfg.prism.k} exceeds the {maskable} maskable positions of a sequence")
     if stage == "pretrain" and s.init_from:
         raise ConfigError("pretrain.init_from is not supported: pretraining starts from scratch "
                           "(fine-tuning reads finetune.init_from)")
-    if s.steps < 1 or s.micro_batch_size < 1 or s.grad_accum < 1:
-        raise ConfigError(f"{stage}.steps, .micro_batch_size and .grad_accum must be >= 1")
-    if train_len < 1:
-        raise ConfigError("training data is empty")
+    if stage == "pretrain" and s.freeze_backbone:
+        raise ConfigError("pretrain.freeze_backbone=true leaves nothing to train")
+    for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every", "calib_every", "keep_last"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"{stage}.{key}={getattr(s, key)} must be >= 1")
 
 
 class _Interrupt:
@@ -60,73 +66,159 @@ class _Interrupt:
             signal.signal(s, h)
 
 
-def train(cfg: RunConfig, stage: str, data: torch.Tensor, fixed: torch.Tensor, mask_id: int, vocab_size: int,
-          progress: bool = True) -> Path:
-    """Run one stage on `data` [N, L] (fixed [L] bool marks never-masked positions); returns the final checkpoint."""
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank (so all ranks take the same branch)."""
+    value = torch.tensor([float(flag)], device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _rank0_choice(value):
+    """Rank 0's `value` on every rank (e.g. which checkpoint to resume)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _not_finite(stage: str, what: str, step: int, ckpt_dir: Path) -> FloatingPointError:
+    last = latest_tag(ckpt_dir)
+    return FloatingPointError(f"{stage}: {what} is not finite at step {step}; " + (
+        f"latest stays at the last good checkpoint {ckpt_dir / last}" if last else "no checkpoint was saved yet"))
+
+
+def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.Module:
+    """The model, built under zero.Init for ZeRO-3 so no rank ever materialises all of it."""
+    import deepspeed
+
+    s = getattr(cfg, stage)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+        model = build_model(cfg.model, cfg.quality_head, task.vocab_size, with_head=stage == "finetune")
+    if stage == "finetune":
+        load_backbone(model, s.init_from or stage_dir(cfg, "pretrain") / "final")
+        model.backbone.requires_grad_(not s.freeze_backbone)
+    return model
+
+
+@torch.no_grad()
+def _heldout_quality(model, batch: Batch, cfg: RunConfig, mask_id: int, chunk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quality logits and labels on the held-out set, in micro-batch chunks, with the same z and y every time."""
+    model.eval()
+    gen = torch.Generator(device=batch.x.device).manual_seed(cfg.seed + 99991)
+    quality, label = [], []
+    for i in range(0, len(batch.x), chunk):
+        out = compute_losses(model, batch.x[i:i + chunk], batch.fixed[i:i + chunk], mask_id, "prism", cfg.masking,
+                             cfg.prism, lengths=batch.lengths[i:i + chunk], generator=gen)
+        quality.append(out.quality)
+        label.append(out.label)
+    model.train()
+    return torch.cat(quality), torch.cat(label)
+
+
+def train(cfg: RunConfig, stage: str, progress: bool = True) -> Path:
+    """Run one stage (resuming from its latest checkpoint when there is one); returns the final export."""
     import deepspeed
 
     if stage not in STAGES:
         raise ConfigError(f"stage '{stage}' is unknown; expected one of {sorted(STAGES)}")
     s, mode = getattr(cfg, stage), STAGES[stage]
-    _check_stage(cfg, stage, len(data), int((~fixed).sum()))
+    _check_stage(cfg, stage)
     dist_utils.init_distributed()
     rank, n_ranks, device = dist_utils.rank(), dist_utils.world_size(), dist_utils.device()
-    out_dir = stage_dir(cfg, stage)
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    out_dir, ckpt_dir = stage_dir(cfg, stage), stage_dir(cfg, stage) / "checkpoints"
+    task = build_task(cfg, s.micro_batch_size, rank, n_ranks, progress)
+    if mode == "prism" and cfg.prism.k > task.maskable:
+        raise ConfigError(f"prism.k={cfg.prism.k} exceeds the {task.maskable} maskable positions of a sequence")
 
-    model = build_model(cfg.model, cfg.quality_head, vocab_size, with_head=mode == "prism")
-    if stage == "finetune":
-        init_from = s.init_from or str(stage_dir(cfg, "pretrain") / "final")
-        load_backbone(model, init_from)
-        model.backbone.requires_grad_(not s.freeze_backbone)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=s.lr, weight_decay=s.weight_decay, betas=tuple(s.betas))
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(s.lr_schedule, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=s.steps)
     ds_config = dist_utils.build_ds_config(s, stage, n_ranks)
     if s.ema_decay and ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
         raise ConfigError(f"{stage}.ema_decay needs ZeRO stage <= 2 ({s.ds_config} uses stage 3; "
                           f"a full EMA copy per rank would defeat partitioning)")
+    model = _build(cfg, stage, task, ds_config)
+    optimizer = build_optimizer(model, s, ds_config)
+    scheduler = build_scheduler(optimizer, s, stage)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     ema = EMA(engine.module, s.ema_decay) if s.ema_decay else None
+    mask_gen = torch.Generator(device=device).manual_seed(mask_seed(cfg, rank))  # masking and y draws
+    run_sig = signature(cfg, stage, task.vocab_size, n_ranks)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
 
+    start, state = 0, None
+    resume_tag = _rank0_choice(latest_tag(ckpt_dir) if s.resume else None)  # one decision for all ranks
+    if resume_tag is not None:
+        start, state = load_training_state(engine, ckpt_dir, resume_tag, run_sig, strict=not frozen)
+        task.source.load_state_dict(state["source"])
+        mask_gen.set_state(state["mask_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if rank == 0:
+            print(f"[prism-ds] {stage}: resumed from {ckpt_dir / resume_tag} (step {start})")
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
-    monitor = Monitor(out_dir / "tb" if rank == 0 else None, s.log_every, n_ranks, str(to_dict(cfg)))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)  # distinct data per rank
-    fixed_batch = fixed.to(device)[None].expand(s.micro_batch_size, -1)
-    data = data.to(device)
-    meta = {"stage": stage, "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
-            "trainable": sum(p.numel() for p in trainable)}
-    save_model = ema.module if ema is not None else engine.module
+        save_config(cfg, out_dir / "tb" / "config.yaml")
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    monitor = Monitor(out_dir / "tb" if rank == 0 else None, s.log_every, n_ranks, n_params, s.peak_tflops,
+                      str(to_dict(cfg)), purge_step=start + 1 if start else None, n_trainable=n_trainable)
+    if state is not None:
+        monitor.load_state_dict(state["monitor"])
+    heldout = task.heldout.to(device) if (task.heldout is not None and mode == "prism") else None
+    meta = {"stage": stage, "vocab_size": task.vocab_size, "params": n_params, "trainable": n_trainable}
 
-    bar = tqdm(range(1, s.steps + 1), desc=f"{stage} ({mode})", disable=not (progress and rank == 0))
-    step = 0
+    def checkpoint(step: int) -> None:
+        rank_state = {"source": task.source.state_dict(), "mask_generator": mask_gen.get_state(),
+                      "torch_rng": torch.get_rng_state(), "ema": ema.state_dict() if ema is not None else None,
+                      "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                      "monitor": monitor.state_dict()}  # a logging window that spans the restart
+        save_training_state(engine, ckpt_dir, step, rank_state, run_sig, s.keep_last, exclude_frozen=frozen)
+
+    bar = tqdm(range(start + 1, s.steps + 1), desc=f"{stage} ({mode})", disable=not (progress and rank == 0),
+               initial=start, total=s.steps)
+    step = start
     with _Interrupt() as interrupt:
         for step in bar:
             for _ in range(s.grad_accum):
-                idx = torch.randint(0, len(data), (s.micro_batch_size,), generator=gen, device=device)
-                losses = compute_losses(engine, data[idx], fixed_batch, mask_id, mode, cfg.masking, cfg.prism,
-                                        generator=gen)
-                if not torch.isfinite(losses.total):
-                    last = out_dir / "last"
-                    raise FloatingPointError(f"{stage}: loss is {losses.total.item()} at step {step}; " + (
-                        f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"))
+                batch = task.source.next_batch().to(device)
+                losses = compute_losses(engine, batch.x, batch.fixed, task.mask_id, mode, cfg.masking, cfg.prism,
+                                        lengths=batch.lengths, generator=mask_gen)
+                # Every rank stops together: a rank raising alone would leave the others waiting in a collective.
+                if _any_rank(not torch.isfinite(losses.total).item(), device):
+                    raise _not_finite(stage, f"the loss ({losses.total.item()} on rank {rank})", step, ckpt_dir)
                 engine.backward(losses.total)
                 engine.step()
-                monitor.record(losses)
+                monitor.record(losses, len(batch.x), batch.pad_tokens, batch.x.numel())
+            grad_norm = engine.get_global_grad_norm()  # global: the same on every rank
+            if grad_norm is not None and not math.isfinite(float(grad_norm)) and not engine.fp16_enabled():
+                raise _not_finite(stage, f"the gradient norm ({float(grad_norm)})", step, ckpt_dir)
             if ema is not None:
                 ema.update(engine.module)
-            logged = monitor.maybe_log(step, s.steps, scheduler.get_last_lr()[0], engine.get_global_grad_norm())
-            if logged:
+            if monitor.due(step, s.steps):
+                lrs = {g.get("name", str(i)): lr for i, (g, lr) in
+                       enumerate(zip(optimizer.param_groups, scheduler.get_last_lr()))}
+                logged = monitor.log(step, lrs, grad_norm, task.source.counters())
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logged.items()
                                  if k.startswith(("loss", "quality/auroc"))})
-            if step % s.ckpt_every == 0 or interrupt.requested:
-                save_checkpoint(save_model, cfg, out_dir / "last", {**meta, "step": step}, rank == 0)
-            if interrupt.requested:
+            if heldout is not None and (step % s.calib_every == 0 or step == s.steps):
+                monitor.log_calibration(step, *_heldout_quality(engine.module, heldout, cfg, task.mask_id,
+                                                                  s.micro_batch_size))
+            stop = _any_rank(interrupt.requested, device)  # all ranks save and stop together
+            if step % s.ckpt_every == 0 or step == s.steps or stop:
+                checkpoint(step)
+            if stop:
                 monitor.close()
-                raise KeyboardInterrupt(f"{stage} interrupted at step {step}; checkpoint saved to {out_dir / 'last'}")
-    final = save_checkpoint(save_model, cfg, out_dir / "final", {**meta, "step": step}, rank == 0)
+                raise KeyboardInterrupt(f"{stage} interrupted at step {step}; checkpoint saved to {ckpt_dir}; "
+                                        f"run the same command again to resume")
+    base = (s.init_from or stage_dir(cfg, "pretrain") / "final") if s.freeze_backbone else None
+    final = export_trainable(ema.module if ema is not None else engine.module, cfg, out_dir / "final",
+                             {**meta, "step": step}, rank == 0, base_backbone=base)
     monitor.close()
     return final

@@ -1,0 +1,149 @@
+"""What a training stage reads: batches with never-masked positions and per-sample loss lengths.
+
+A source is an endless, resumable iterator of `Batch`es for one rank: `next_batch()`, and
+`state_dict()` / `load_state_dict()` to continue at exactly the next batch after a restart.
+`build_task` picks the source of a run (`task: sudoku | text`) with its vocabulary, mask token and a
+held-out batch for the quality head's calibration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prism_ds.config import ConfigError, RunConfig
+
+HELDOUT_SAMPLES = 256  # sequences the quality head's calibration is measured on (never trained on)
+# Board draws get their own seed stream: sharing the masking generator's seed would replay the same
+# random words as batch indices and as mask draws, coupling which board is seen with how it is masked.
+_DATA_SEED = 7_919_000
+
+
+@dataclass
+class Batch:
+    """One micro-batch for compute_losses."""
+
+    x: torch.Tensor  # [B, L] clean tokens
+    fixed: torch.Tensor  # [B, L] bool, never masked (Sudoku separators, prompts)
+    lengths: torch.Tensor  # [B] float, MDM-loss normaliser per sample (L, or the answer length)
+    pad_tokens: int = 0  # padding beyond each sample's end, for the padding-waste scalar
+
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch on `device`."""
+        return Batch(self.x.to(device), self.fixed.to(device), self.lengths.to(device), self.pad_tokens)
+
+
+class BoardBatches:
+    """Uniformly sampled micro-batches of fixed-length sequences (Sudoku boards), resumable by RNG state."""
+
+    def __init__(self, rows: torch.Tensor, fixed_row: torch.Tensor, micro_batch_size: int, seed: int):
+        self.rows, self.fixed_row, self.micro_batch_size = rows, fixed_row, micro_batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> Batch:
+        """A micro-batch drawn with replacement."""
+        idx = torch.randint(0, len(self.rows), (self.micro_batch_size,), generator=self.generator)
+        x = self.rows[idx]
+        return Batch(x, self.fixed_row[None].expand_as(x), torch.full((len(x),), float(x.shape[1])))
+
+    def counters(self) -> dict[str, int]:
+        """Nothing to count: every board fits."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """The sampler's RNG state (the data position of a random-access source)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue with the batches that follow the saved state."""
+        self.generator.set_state(state["generator"])
+
+
+class TextBatches:
+    """Prompt/solution micro-batches streamed through HF datasets, sharded by rank."""
+
+    def __init__(self, stream):
+        self.stream, self._iter = stream, None
+
+    def next_batch(self) -> Batch:
+        """The next micro-batch of this rank's shard (prompt tokens fixed, loss normalised by answer length)."""
+        if self._iter is None:
+            self._iter = iter(self.stream)
+        b = next(self._iter)
+        return Batch(b.x, b.fixed, b.answer_len.float(), b.pad_tokens)
+
+    def counters(self) -> dict[str, int]:
+        """Over-long samples so far on this rank (truncated or dropped, by text.overlong)."""
+        return {"truncated": self.stream.stats["truncated"], "dropped": self.stream.stats["dropped"]}
+
+    def state_dict(self) -> dict:
+        """The stream's exact position."""
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the saved position."""
+        self.stream.load_state_dict(state)
+        self._iter = None
+
+
+@dataclass
+class Task:
+    """A run's data for one rank: the training source, a held-out batch and the vocabulary."""
+
+    source: BoardBatches | TextBatches
+    heldout: Batch | None
+    vocab_size: int
+    mask_id: int
+    seq_len: int
+    maskable: int  # positions of a sequence that can be masked (bounds prism.k)
+
+
+def mask_seed(cfg: RunConfig, rank: int) -> int:
+    """Seed of a rank's masking and y-construction generator (distinct from every rank's data seed)."""
+    return cfg.seed * 1000 + rank + 1
+
+
+def _sudoku_task(cfg: RunConfig, micro_batch_size: int, rank: int, progress: bool) -> Task:
+    from prism_ds.engine import distributed as dist_utils
+    from prism_ds.sudoku.board import MASK_ID
+    from prism_ds.sudoku.data import board_spec, train_boards
+
+    spec = board_spec(cfg)
+    if rank == 0:  # rank 0 generates (or validates) the boards; the others then read its file
+        train_boards(cfg, progress)
+    dist_utils.barrier()
+    boards = train_boards(cfg, progress=False)
+    n_heldout = min(HELDOUT_SAMPLES, len(boards) // 10)  # boards the head is calibrated on, never trained on
+    train, heldout = boards[:len(boards) - n_heldout], boards[len(boards) - n_heldout:]
+    fixed = spec.separator_mask()
+    heldout_batch = (Batch(heldout, fixed[None].expand_as(heldout), torch.full((len(heldout),), float(spec.seq_len)))
+                     if n_heldout else None)
+    return Task(BoardBatches(train, fixed, micro_batch_size, seed=_DATA_SEED + cfg.seed * 1000 + rank), heldout_batch,
+                spec.vocab_size, MASK_ID, spec.seq_len, int((~fixed).sum()))
+
+
+def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int) -> Task:
+    from dataclasses import replace
+
+    from prism_ds.text.prompt_data import PromptSolutionStream, load_tokenizer, special_ids
+
+    tokenizer = load_tokenizer(cfg.text)
+    vocab_size, mask_id, _ = special_ids(tokenizer)
+    stream = PromptSolutionStream(cfg.text, tokenizer, micro_batch_size, rank=rank, world_size=world_size)
+    heldout = None
+    if cfg.text.heldout_source:
+        held = PromptSolutionStream(replace(cfg.text, source=cfg.text.heldout_source, shuffle_buffer=0),
+                                    tokenizer, micro_batch_size)
+        b = held.head(HELDOUT_SAMPLES)
+        heldout = Batch(b.x, b.fixed, b.answer_len.float(), b.pad_tokens)
+    # Rows whose answer has fewer than prism.k masked tokens fill all of them (build_y).
+    return Task(TextBatches(stream), heldout, vocab_size, mask_id, cfg.text.max_length, cfg.text.max_length - 1)
+
+
+def build_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int, progress: bool = True) -> Task:
+    """The training data of `cfg.task` for this rank."""
+    if cfg.task == "sudoku":
+        return _sudoku_task(cfg, micro_batch_size, rank, progress)
+    if cfg.task == "text":
+        return _text_task(cfg, micro_batch_size, rank, world_size)
+    raise ConfigError(f"task={cfg.task!r}: expected 'sudoku' or 'text'")

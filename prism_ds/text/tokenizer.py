@@ -1,0 +1,39 @@
+"""Tokenizer helpers for the text pipeline: load a (local) HF tokenizer and find its special ids."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prism_ds.config import ConfigError, TextDataConfig
+
+LLADA_MASK = "<|mdm_mask|>"  # LLaDA's tokenizer has no mask_token, only this added special token
+
+
+def load_tokenizer(cfg: TextDataConfig):
+    """`AutoTokenizer.from_pretrained(cfg.tokenizer)`, with errors that name `text.tokenizer`."""
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer.strip()
+    if not name:
+        raise ConfigError("text.tokenizer: empty; set it to a tokenizer directory (or a hub name when online)")
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ConfigError(f"text.tokenizer: directory {name!r} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if looks_local else name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"text.tokenizer: cannot load a tokenizer from {name!r}: {e}") from e
+
+
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """(vocab_size, mask_id, eos_id); the mask is mask_token_id or LLaDA's '<|mdm_mask|>' token."""
+    vocab_size = len(tokenizer)
+    mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        mask_id = tokenizer.get_vocab().get(LLADA_MASK)
+    if mask_id is None:
+        raise ConfigError(f"text.tokenizer: the tokenizer has neither a mask_token nor a {LLADA_MASK!r} token; "
+                          "a masked-diffusion LM needs one")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("text.tokenizer: the tokenizer has no eos_token (it ends and pads answers)")
+    return vocab_size, int(mask_id), int(tokenizer.eos_token_id)
