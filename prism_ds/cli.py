@@ -91,9 +91,8 @@ def _sample(args: argparse.Namespace, progress: bool) -> None:
     from prism_ds.engine.distributed import device
 
     model, ckpt_cfg = load_model(args.checkpoint, device())
-    # Sampler settings: the checkpoint's run config, then --recipe (if given), then the overrides.
-    recipe = args.recipe or str(Path(args.checkpoint) / "config.yaml")
-    sampler = load_config(recipe, args.overrides).sampler if (args.recipe or args.overrides) else ckpt_cfg.sampler
+    # Sampler settings: --recipe if given, else the checkpoint's run config; then the overrides.
+    sampler = load_config(args.recipe or str(Path(args.checkpoint) / "config.yaml"), args.overrides).sampler
     spec = board_spec(ckpt_cfg)
     puzzles = read_csv(args.puzzles, spec)
     filled = solve(model, spec, puzzles.to(device()), args.steps, args.policy, sampler, progress=progress).cpu()

@@ -1,4 +1,8 @@
 """Prompt/solution training end to end: task=text through the real engine with a locally built tokenizer."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +11,7 @@ import prism_ds.engine.trainer as trainer
 from conftest import tiny_overrides
 from prism_ds.config import load_config
 from prism_ds.engine.checkpoint import load_model, read_meta
+from test_engine import _env, _free_port, _scalars
 from text_fixtures import build_tokenizer, sample_rows, write_jsonl
 
 MAX_LEN = 22  # the longest fixture rows (25 tokens) are truncated
@@ -110,12 +115,6 @@ def test_text_export_reloads_without_deepspeed(text_run):
 
 
 def test_two_rank_zero3_text_run_shards_the_rows_and_sums_the_counts(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from test_engine import _env, _free_port, _scalars
-
     tok = build_tokenizer(tmp_path / "tok")
     train_file = write_jsonl(tmp_path / "train.jsonl", sample_rows(96))
     launcher = Path(sys.executable).parent / "deepspeed"

@@ -1,8 +1,9 @@
 """Calibration of the quality head: expected calibration error and a reliability diagram.
 
 sigmoid(g_i) is read as the probability that token i is right (label 1[x_i = y_i]). The paper
-names calibration of the quality head as a missing check, so prism-ds logs it live to TensorBoard. ECE = sum over equal-width confidence bins of
-(bin share) * |accuracy - mean confidence|; 0 means the head's probabilities can be taken at face value.
+names calibration of the quality head as a missing check, so prism-ds logs it live to TensorBoard.
+ECE = sum over equal-width confidence bins of (bin share) * |accuracy - mean confidence|; 0 means
+the head's probabilities can be taken at face value.
 """
 from __future__ import annotations
 

@@ -33,6 +33,16 @@ class Batch:
         return Batch(self.x.to(device), self.fixed.to(device), self.lengths.to(device), self.pad_tokens)
 
 
+def _board_batch(x: torch.Tensor, fixed_row: torch.Tensor) -> Batch:
+    """Fixed-length boards: the same never-masked positions in every row, loss normalised by L."""
+    return Batch(x, fixed_row[None].expand_as(x), torch.full((len(x),), float(x.shape[1])))
+
+
+def _text_batch(b) -> Batch:
+    """A prompt/solution TextBatch as a Batch (loss normalised by each answer's length)."""
+    return Batch(b.x, b.fixed, b.answer_len.float(), b.pad_tokens)
+
+
 class BoardBatches:
     """Uniformly sampled micro-batches of fixed-length sequences (Sudoku boards), resumable by RNG state."""
 
@@ -43,8 +53,7 @@ class BoardBatches:
     def next_batch(self) -> Batch:
         """A micro-batch drawn with replacement."""
         idx = torch.randint(0, len(self.rows), (self.micro_batch_size,), generator=self.generator)
-        x = self.rows[idx]
-        return Batch(x, self.fixed_row[None].expand_as(x), torch.full((len(x),), float(x.shape[1])))
+        return _board_batch(self.rows[idx], self.fixed_row)
 
     def counters(self) -> dict[str, int]:
         """Nothing to count: every board fits."""
@@ -69,8 +78,7 @@ class TextBatches:
         """The next micro-batch of this rank's shard (prompt tokens fixed, loss normalised by answer length)."""
         if self._iter is None:
             self._iter = iter(self.stream)
-        b = next(self._iter)
-        return Batch(b.x, b.fixed, b.answer_len.float(), b.pad_tokens)
+        return _text_batch(next(self._iter))
 
     def counters(self) -> dict[str, int]:
         """Over-long samples so far on this rank (truncated or dropped, by text.overlong)."""
@@ -116,9 +124,8 @@ def _sudoku_task(cfg: RunConfig, micro_batch_size: int, rank: int, progress: boo
     n_heldout = min(HELDOUT_SAMPLES, len(boards) // 10)  # boards the head is calibrated on, never trained on
     train, heldout = boards[:len(boards) - n_heldout], boards[len(boards) - n_heldout:]
     fixed = spec.separator_mask()
-    heldout_batch = (Batch(heldout, fixed[None].expand_as(heldout), torch.full((len(heldout),), float(spec.seq_len)))
-                     if n_heldout else None)
-    return Task(BoardBatches(train, fixed, micro_batch_size, seed=_DATA_SEED + cfg.seed * 1000 + rank), heldout_batch,
+    return Task(BoardBatches(train, fixed, micro_batch_size, seed=_DATA_SEED + cfg.seed * 1000 + rank),
+                _board_batch(heldout, fixed) if n_heldout else None,
                 spec.vocab_size, MASK_ID, spec.seq_len, int((~fixed).sum()))
 
 
@@ -134,8 +141,7 @@ def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int
     if cfg.text.heldout_source:
         held = PromptSolutionStream(replace(cfg.text, source=cfg.text.heldout_source, shuffle_buffer=0),
                                     tokenizer, micro_batch_size)
-        b = held.head(HELDOUT_SAMPLES)
-        heldout = Batch(b.x, b.fixed, b.answer_len.float(), b.pad_tokens)
+        heldout = _text_batch(held.head(HELDOUT_SAMPLES))
     # Rows whose answer has fewer than prism.k masked tokens fill all of them (build_y).
     return Task(TextBatches(stream), heldout, vocab_size, mask_id, cfg.text.max_length, cfg.text.max_length - 1)
 

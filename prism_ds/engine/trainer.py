@@ -66,7 +66,6 @@ class _Interrupt:
             signal.signal(s, h)
 
 
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank (so all ranks take the same branch)."""
     value = torch.tensor([float(flag)], device=device)
