@@ -39,13 +39,24 @@ SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_
             "<|eot_id|>"]
 
 
-def _rows(data: Path | None) -> list[dict]:
-    """Prompt/solution rows: MBPP when available, else synthetic code-like rows."""
-    if data is not None and data.exists():
-        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [{"prompt": r["text"], "solution": r["code"]} for r in rows]
-    return [{"prompt": f"Write a function that returns {i} times x.", "solution": f"def f(x):\n    return {i} * x\n"}
-            for i in range(1000)]
+def _rows(data: Path) -> list[dict]:
+    """Prompt/solution rows from an MBPP-style JSONL (text, code); synthetic rows when the default MBPP is absent."""
+    if not data.exists():
+        if data != MBPP:
+            raise SystemExit(f"--data {data}: file not found")
+        print(f"[bench] {MBPP} not found: using synthetic rows")
+        return [{"prompt": f"Write a function that returns {i} times x.",
+                 "solution": f"def f(x):\n    return {i} * x\n"} for i in range(1000)]
+    rows = []
+    for n, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            rows.append({"prompt": r["text"], "solution": r["code"]})
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SystemExit(f"{data}, line {n}: expected a JSON object with 'text' and 'code' ({e!r})") from None
+    return rows
 
 
 def _tokenizer(rows: list[dict], out: Path) -> str:
