@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run one training stage (pretrain = MDM loss, finetune = PRISM loss)")
     p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
+    p.add_argument("--overwrite", action="store_true", help="train the stage again even if it finished with "
+                                                            "another config")
     _add_config_args(p)
 
     p = sub.add_parser("sample", help="solve puzzles from a CSV with a checkpoint and one remask policy")
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--puzzles", required=True, help="CSV of puzzles in the paper's format (0 = blank)")
     p.add_argument("--out", required=True, help="CSV to write the filled boards to")
     p.add_argument("--steps", type=int, required=True, help="number of sampler steps (forward passes)")
-    p.add_argument("--policy", default="prism", help="remask policy: none, prism, remdm, remdm-conf")
+    p.add_argument("--policy", default="prism", help="remask policy: none, prism, remdm, remdm-conf, optionally "
+                                                     "with a count rule, e.g. remdm:binomial (ReMDM-cap)")
     _add_config_args(p, default_recipe=None)
 
     p = sub.add_parser("eval", help="success table (steps x policy) of a checkpoint on the run's puzzles")
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("demo", help="generate data, pretrain, PRISM fine-tune, evaluate (the CPU Sudoku demo)")
+    p.add_argument("--overwrite", action="store_true", help="train both stages again even if they finished")
     _add_config_args(p)
 
     p = sub.add_parser("gen-sudoku", help="write solved boards or unique-solution puzzles as CSV")
@@ -70,14 +74,18 @@ def _run(args: argparse.Namespace) -> None:
         _sample(args, progress)
         return
     cfg = load_config(args.recipe, args.overrides)
-    from prism_ds import demo
-
     if args.command == "train":
-        print(f"[prism-ds] {args.stage} finished: {demo.train_stage(cfg, args.stage, progress)}")
+        from prism_ds.engine.trainer import train
+
+        print(f"[prism-ds] {args.stage} finished: {train(cfg, args.stage, progress, args.overwrite)}")
     elif args.command == "eval":
-        print(demo.evaluate_checkpoint(args.checkpoint, cfg, progress))
+        from prism_ds.sudoku.evaluate import evaluate_checkpoint
+
+        print(evaluate_checkpoint(args.checkpoint, cfg, progress))
     elif args.command == "demo":
-        print(demo.run_demo(cfg, progress))
+        from prism_ds.demo import run_demo
+
+        print(run_demo(cfg, progress, args.overwrite))
 
 
 def _sample(args: argparse.Namespace, progress: bool) -> None:
@@ -101,9 +109,23 @@ def _sample(args: argparse.Namespace, progress: bool) -> None:
     print(f"wrote {len(filled)} boards to {args.out}; solved {100 * ok:.1f}%")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags and dotted overrides in any order (`train run_dir=X --no-progress model.hidden=64`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse's intermixed parsing does not support sub-commands, so overrides that follow a flag come
+    # back as unknown arguments: accept those of the form key=value, reject anything else as argparse would.
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prism-ds` command."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         _run(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:

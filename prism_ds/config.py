@@ -67,7 +67,7 @@ class StageConfig:
     micro_batch_size: int = 64
     grad_accum: int = 1
     lr: float = 3e-4  # backbone (or its LoRA adapters)
-    head_lr: float = 0.0  # quality head; 0 = lr (the paper's LLaDA run gives the head its own rate)
+    head_lr: float = 0.0  # quality head; 0 = lr (a prism-ds option, not from the paper)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
@@ -123,16 +123,20 @@ class TextDataConfig:
 
 @dataclass
 class SamplerConfig:
-    """Sampling: which steps, remask policies and unmask order to run."""
+    """Sampling: step counts, remask policies (each optionally "policy:count") and unmask order to run."""
 
     steps: list[int] = field(default_factory=lambda: [6, 11, 22])
+    # "policy" uses remask_count; "policy:count" overrides it, e.g. "remdm:binomial" is ReMDM-cap.
     policies: list[str] = field(default_factory=lambda: ["none", "remdm", "remdm-conf", "prism"])
+    remask_count: str = "fixed"  # fixed (K per step) | binomial (K ~ Bin(#clean, min(eta, sigma_max))) | per-token
     remask_k: int = 2
+    eta: float = 0.2  # binomial remask rate cap (ReMDM's eta_cap)
     unmask_order: str = "random"
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 500
     seed: int = 1234
+    n_seeds: int = 1  # evaluation repeats with seeds seed, seed+1, ... (mean and 95% intervals)
 
 
 @dataclass

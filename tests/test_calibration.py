@@ -4,13 +4,7 @@ import math
 import pytest
 import torch
 
-from prism_ds.core.calibration import expected_calibration_error, reliability_bins, reliability_diagram
-
-def _blue_mask(img: torch.Tensor) -> torch.Tensor:
-    """Accuracy-bar pixels: clearly blue-dominant (pure bar colour or bar under the translucent red gap)."""
-    r, g, b = img.int()
-    return (b > r) & (b > g + 15)  # [H, W]; white/grey/black/pink-over-white all fail
-
+from prism_ds.core.calibration import expected_calibration_error, reliability_bins
 
 def test_ece_calibrated_small_and_overconfident_large():
     g = torch.Generator().manual_seed(0)
@@ -51,44 +45,40 @@ def test_reliability_bins_counts_and_empty_bins():
     assert ((conf[:5] >= lo) & (conf[:5] < lo + 0.1)).all()
 
 
-def test_reliability_diagram_shape_and_bar_heights():
-    size, n_bins = 256, 4
+def test_reliability_figure_has_labelled_axes_title_bars_and_counts():
+    from prism_ds.engine.plots import reliability_figure
+
     # bin 3 (p=0.9): all correct; bin 1 (p=0.4): all wrong; bin 2 (p=0.6): half correct; bin 0 empty.
-    p = torch.tensor([0.9] * 10 + [0.4] * 10 + [0.6] * 10)
-    y = torch.tensor([1] * 10 + [0] * 10 + [1, 0] * 5)
-    img = reliability_diagram(p, y, n_bins=n_bins, size=size)
-    assert img.dtype == torch.uint8 and img.shape == (3, size, size)
-    blue = _blue_mask(img)
-    cols = blue.any(dim=0).nonzero().flatten()
-    # Bars are contiguous runs of blue columns, left to right in bin order; empty/0-accuracy bins have none.
-    breaks = (cols[1:] - cols[:-1] > 1).nonzero().flatten() + 1
-    runs = torch.tensor_split(cols, breaks)
-    assert len(runs) == 2  # bins 2 (acc 0.5) and 3 (acc 1.0)
-    half, full = (blue[:, r] for r in runs)
-    assert full.sum() > half.sum() > 0  # accurate bar drawn taller
-    assert full.any(dim=1).sum() > 1.8 * half.any(dim=1).sum()
-    # y axis points up: both bars share a baseline (bottom row) and the taller one reaches higher (smaller row).
-    half_rows, full_rows = half.any(dim=1).nonzero().flatten(), full.any(dim=1).nonzero().flatten()
-    assert half_rows.max() == full_rows.max() > size // 2 and full_rows.min() < half_rows.min()
-    red = (img[0].int() > img[2].int() + 30) & (img[0].int() > img[1].int() + 30)
-    assert red[:, : runs[0][0]].sum() > 0  # the all-wrong bin (p=0.4) shows only its red gap
-    assert (img == 255).all(dim=0).float().mean() > 0.3  # mostly white background
+    p = torch.tensor([0.9] * 10 + [0.4] * 10 + [0.6] * 20)
+    y = torch.tensor([1] * 10 + [0] * 10 + [1, 0] * 10)
+    fig = reliability_figure(p, y, n_bins=4)
+    ax, ax_n = fig.axes
+    assert "accuracy" in ax.get_ylabel() and "confidence" in ax_n.get_xlabel() and "tokens" in ax_n.get_ylabel()
+    ece = expected_calibration_error(p, y, n_bins=4)
+    assert f"ECE {ece:.3f}" in ax.get_title() and "n = 40" in ax.get_title()
+    accuracy_bars, gap_bars = ax.containers
+    # One accuracy bar per non-empty bin, left to right, with the bin's observed accuracy as its height.
+    assert [round(b.get_x() + b.get_width() / 2, 3) for b in accuracy_bars] == [0.375, 0.625, 0.875]
+    assert [b.get_height() for b in accuracy_bars] == pytest.approx([0.0, 0.5, 1.0])
+    # Gap bars run from the accuracy to the bin's mean confidence.
+    assert [(b.get_y(), b.get_y() + b.get_height()) for b in gap_bars] == [
+        pytest.approx((0.0, 0.4)), pytest.approx((0.5, 0.6)), pytest.approx((1.0, 0.9))]
+    assert [b.get_height() for b in ax_n.containers[0]] == [0, 10, 20, 10]
+    diagonal = ax.lines[0].get_xydata()
+    assert diagonal.tolist() == [[0, 0], [1, 1]]
 
 
-def test_reliability_diagram_roundtrip_tensorboard(tmp_path):
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("PIL")
+def test_reliability_figure_roundtrip_tensorboard(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from prism_ds.engine.plots import reliability_figure
+
     g = torch.Generator().manual_seed(2)
     p = torch.rand(500, generator=g)
-    img = reliability_diagram(p, torch.bernoulli(p, generator=g), size=128)
-    writer = SummaryWriter(str(tmp_path))
-    writer.add_image("calibration/reliability", img, 0)
-    writer.close()
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_figure("calibration/reliability", reliability_figure(p, torch.bernoulli(p, generator=g)), 0)
     ea = EventAccumulator(str(tmp_path))
     ea.Reload()
-    assert "calibration/reliability" in ea.Tags()["images"]
-    ev = ea.Images("calibration/reliability")[0]
-    assert (ev.width, ev.height) == (128, 128)
+    image = ea.Images("calibration/reliability")[0]
+    assert image.width > 200 and image.height > 200

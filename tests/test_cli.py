@@ -1,11 +1,13 @@
 """The prism-ds command line: help, data generation, sampling, evaluation, demo, and error reporting."""
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from prism_ds.cli import main
 from prism_ds.sudoku.board import BoardSpec, is_solved, read_csv
 
@@ -81,5 +83,79 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert (tmp_path / "results.md").exists()
     assert main(args) == 0  # a second run reuses checkpoints and results
     second = capsys.readouterr().out
-    assert "using existing" in second
+    assert second.count("already finished with this config") == 2
     assert second.split("Total demo")[0].strip().endswith(first.split("Total demo")[0].strip().splitlines()[-1])
+
+
+def test_flags_and_overrides_mix_in_any_order():
+    from prism_ds.cli import parse_args
+
+    args = parse_args(["train", "--stage", "pretrain", "run_dir=X", "--no-progress", "model.hidden=64",
+                       "--recipe", "sudoku_cpu", "seed=3"])
+    assert args.overrides == ["run_dir=X", "model.hidden=64", "seed=3"] and args.no_progress and args.stage == "pretrain"
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--stage", "pretrain", "run_dir=X", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse_args(["gen-sudoku", "--count", "1", "--out", "x.csv", "seed=3"])  # no overrides here
+
+
+def test_train_on_a_finished_stage_reuses_it_refuses_a_changed_config_and_overwrite_starts_over(tiny_run, capsys):
+    from prism_ds.engine.checkpoint import read_meta
+
+    cfg, pre, _ = tiny_run
+    args = ["train", "--stage", "pretrain", "--no-progress", *tiny_overrides(cfg.run_dir)]
+    before = (pre / "backbone.safetensors").read_bytes()
+    assert main(args) == 0
+    assert "already finished with this config" in capsys.readouterr().out
+    # A changed setting that shapes training is refused, naming the key; bookkeeping keys are not.
+    assert main(args + ["model.dropout=0.1", "pretrain.lr=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "model.dropout: 0.0 -> 0.1" in err and "pretrain.lr" in err and "--overwrite" in err
+    assert main(args + ["pretrain.log_every=7", "sampler.steps=[3]"]) == 0
+    assert (pre / "backbone.safetensors").read_bytes() == before
+    capsys.readouterr()
+
+
+def test_overwrite_and_resume_false_train_a_finished_stage_again(tmp_path, capsys):
+    args = ["train", "--stage", "pretrain", "--no-progress", *tiny_overrides(tmp_path, **{"pretrain.steps": 4})]
+    assert main(args) == 0
+    final = tmp_path / "pretrain" / "final" / "backbone.safetensors"
+    first = final.read_bytes()
+    assert main(args + ["pretrain.steps=6"]) == 2  # a different step count is a different run
+    assert "pretrain.steps: 4 -> 6" in capsys.readouterr().err
+    assert main(args + ["pretrain.steps=6", "--overwrite"]) == 0
+    assert "starting over" in capsys.readouterr().out and final.read_bytes() != first
+    assert main(args + ["pretrain.resume=false", "seed=1"]) == 0
+    assert "starting over" in capsys.readouterr().out
+
+
+def test_resuming_a_checkpoint_with_a_changed_objective_is_refused(tmp_path, capsys):
+    args = ["train", "--stage", "pretrain", "--no-progress",
+            *tiny_overrides(tmp_path, **{"pretrain.steps": 4, "pretrain.ckpt_every": 2})]
+    assert main(args) == 0
+    shutil.rmtree(tmp_path / "pretrain" / "final")  # as if the run had been interrupted after its last checkpoint
+    assert main(args + ["masking.eps=0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "masking.eps: 0.001 -> 0.01" in err
+
+
+def test_eval_results_are_keyed_on_checkpoint_content_not_its_step(tiny_run, tmp_path):
+    from prism_ds.config import load_config
+    from prism_ds.engine.trainer import train
+    from prism_ds.sudoku.data import eval_puzzles
+    from prism_ds.sudoku.evaluate import results_key
+
+    cfg, _, fine = tiny_run
+    puzzles = eval_puzzles(cfg, progress=False)[1]
+    key = results_key(fine, puzzles, cfg.sampler)
+    # The same step count retrained with another seed is a different checkpoint.
+    other = load_config("sudoku_cpu", tiny_overrides(tmp_path, **{"pretrain.steps": 4, "finetune.steps": 4}))
+    a = train(other, "pretrain", progress=False)
+    other.seed = 1
+    other.run_dir = str(tmp_path / "b")
+    b = train(other, "pretrain", progress=False)
+    assert results_key(a, puzzles, cfg.sampler) != results_key(b, puzzles, cfg.sampler)
+    # Every sampler setting that changes a cell changes the key; the list of cells does not.
+    assert results_key(fine, puzzles, replace(cfg.sampler, temperature=0.5)) != key
+    assert results_key(fine, puzzles, replace(cfg.sampler, eta=0.5)) != key
+    assert results_key(fine, puzzles, replace(cfg.sampler, steps=[9], policies=["none"], n_seeds=3)) == key

@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
-from test_engine import _env, _free_port, _scalars
+from helpers import REPO, free_port, read_scalars, subprocess_env, tiny_overrides
 from prism_ds.engine.checkpoint import load_model, read_meta
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
 ZERO3 = {"pretrain.ds_config": "zero3.json", "finetune.ds_config": "zero3.json", "pretrain.log_every": 1,
          "finetune.log_every": 1, "pretrain.steps": 6, "finetune.steps": 6, "finetune.calib_every": 3}
@@ -33,8 +31,8 @@ def two_rank_run(tmp_path_factory):
     """2 ranks on one node, ZeRO-3: pretraining, then fine-tuning a frozen backbone."""
     run_dir = tmp_path_factory.mktemp("two_rank")
     for stage, extra in (("pretrain", {}), ("finetune", {"finetune.freeze_backbone": "true"})):
-        cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(_free_port()), *_train_cmd(stage, run_dir, **extra)]
-        proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        cmd = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), *_train_cmd(stage, run_dir, **extra)]
+        proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
         _check(proc)
         assert proc.stdout.count(f"[prism-ds] {stage} finished") == 2  # both ranks finished
     return run_dir
@@ -44,18 +42,18 @@ def two_rank_run(tmp_path_factory):
 def test_two_simulated_nodes_train_exactly_like_two_local_ranks(two_rank_run, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-0 slots=1\nnode-1 slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([str(LAUNCHER), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                                "--master_addr", "127.0.0.1", "--master_port", port,
                                *_train_cmd("pretrain", tmp_path / "run")],
-                              env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for node in (0, 1)]
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-2000:] + err[-2000:]
         assert "[prism-ds] pretrain finished" in out
-    nodes = _scalars(tmp_path / "run" / "pretrain" / "tb")
-    local = _scalars(two_rank_run / "pretrain" / "tb")
+    nodes = read_scalars(tmp_path / "run" / "pretrain" / "tb")
+    local = read_scalars(two_rank_run / "pretrain" / "tb")
     assert len(nodes["loss/total"]) == 6
     assert nodes["loss/total"] == local["loss/total"] and nodes["grad_norm"] == local["grad_norm"]
 
@@ -71,7 +69,7 @@ def test_zero3_frozen_backbone_export_holds_only_the_head_and_reloads_without_de
     tokens = torch.randint(1, 5, (3, 19))
     assert torch.equal(model(tokens).logits, pre(tokens).logits)  # the frozen backbone is untouched
     assert model(tokens).quality.abs().sum() > 0  # the zero-initialised head was trained
-    scalars = _scalars(two_rank_run / "finetune" / "tb")
+    scalars = read_scalars(two_rank_run / "finetune" / "tb")
     for tag in ("lr/quality_head", "calibration/ece", "calibration/auroc", "throughput/samples_per_s",
                 "data/padding_fraction"):
         assert tag in scalars, tag
@@ -81,7 +79,7 @@ def test_zero3_frozen_backbone_export_holds_only_the_head_and_reloads_without_de
 
 
 def _losses(tb_dir):
-    return _scalars(tb_dir)["loss/total"]
+    return read_scalars(tb_dir)["loss/total"]
 
 
 @pytest.mark.slow
@@ -100,7 +98,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_trace(tiny_run, t
                 *tiny_overrides(run_dir, **extra)]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(killed), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd(killed), env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     latest = killed / "finetune" / "checkpoints" / "latest"
     deadline = time.time() + 120
@@ -112,7 +110,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_trace(tiny_run, t
     proc.wait(timeout=30)
     assert 8 <= int(latest.read_text().removeprefix("step")) < total
     for run_dir in (killed, tmp_path / "straight"):
-        done = subprocess.run(cmd(run_dir), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd(run_dir), env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
         _check(done)
         assert ("resumed from" in done.stdout) == (run_dir == killed)
     straight, resumed = _losses(tmp_path / "straight" / "finetune" / "tb"), _losses(killed / "finetune" / "tb")

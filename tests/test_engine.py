@@ -1,16 +1,14 @@
 """The DeepSpeed engine: single-process stages, checkpoints, TensorBoard, 2-rank ZeRO-3, Ctrl-C."""
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from helpers import REPO, read_scalars, subprocess_env, tiny_overrides
 from prism_ds.config import ConfigError, load_config
 from prism_ds.core.objective import compute_losses
 from prism_ds.engine.checkpoint import export_trainable, load_model, read_meta
@@ -18,7 +16,6 @@ from prism_ds.models.prism_model import build_model
 from prism_ds.sudoku.board import MASK_ID
 from prism_ds.sudoku.data import board_spec, train_boards
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _mdm_loss(model, cfg, boards, seed=0):
@@ -27,14 +24,6 @@ def _mdm_loss(model, cfg, boards, seed=0):
     with torch.no_grad():
         return compute_losses(model, boards, fixed, MASK_ID, "pretrain", cfg.masking, cfg.prism,
                               generator=torch.Generator().manual_seed(seed)).mdm.item()
-
-
-def _scalars(tb_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_pretraining_lowers_the_mdm_loss(tiny_run):
@@ -49,12 +38,11 @@ def test_pretraining_lowers_the_mdm_loss(tiny_run):
 
 def test_finetune_logs_every_monitored_scalar(tiny_run):
     cfg, _, fine = tiny_run
-    scalars = _scalars(fine.parent / "tb")
+    scalars = read_scalars(fine.parent / "tb")
     for tag in ("loss/total", "loss/mdm", "loss/prism", "lr/backbone", "lr/quality_head", "grad_norm",
                 "throughput/tokens_per_s", "throughput/samples_per_s", "data/padding_fraction",
                 "quality/auroc", "quality/frac_correct"):
         assert tag in scalars and len(scalars[tag]) == 3, tag
-    assert all(0.0 <= v <= 1.0 for v in scalars["quality/auroc"])
     assert (fine.parent / "config.yaml").exists()
 
 
@@ -72,7 +60,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tiny_run, tmp_path):
 
 
 def test_finetune_starts_from_the_pretrained_backbone_and_frozen_backbone_stays_fixed(tiny_run, tmp_path):
-    from prism_ds.demo import train_stage
+    from prism_ds.engine.trainer import train as train_stage
 
     cfg, pre, _ = tiny_run
     frozen_cfg = load_config("sudoku_cpu", tiny_overrides(cfg.run_dir, **{
@@ -89,7 +77,7 @@ def test_finetune_starts_from_the_pretrained_backbone_and_frozen_backbone_stays_
 
 
 def test_bad_training_settings_are_named(tiny_run, tmp_path):
-    from prism_ds.demo import train_stage
+    from prism_ds.engine.trainer import train as train_stage
 
     cfg, pre, _ = tiny_run
     bad = load_config("sudoku_cpu", tiny_overrides(tmp_path, **{"prism.k": 99, "finetune.init_from": str(pre)}))
@@ -101,7 +89,7 @@ def test_bad_training_settings_are_named(tiny_run, tmp_path):
 
 
 def test_pretrain_init_from_is_rejected(tmp_path):
-    from prism_ds.demo import train_stage
+    from prism_ds.engine.trainer import train as train_stage
 
     cfg = load_config("sudoku_cpu", tiny_overrides(tmp_path, **{"pretrain.init_from": "x"}))
     with pytest.raises(ConfigError, match="pretrain.init_from is not supported"):
@@ -127,26 +115,11 @@ def test_ema_is_fp32_and_moves_where_a_bf16_copy_would_not():
     assert (bf16_after == bf16).float().mean() > 0.5
 
 
-def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # the in-process fixture set these; the launcher must choose its own
-    return env
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     cmd = [sys.executable, "-m", "prism_ds.cli", "train", "--stage", "pretrain", "--no-progress",
            *tiny_overrides(tmp_path, **{"pretrain.steps": 100000, "pretrain.ckpt_every": 5})]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     latest = tmp_path / "pretrain" / "checkpoints" / "latest"
     deadline = time.time() + 120
     while not latest.exists() and time.time() < deadline:
@@ -159,7 +132,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert step >= 5 and not (tmp_path / "pretrain" / "final").exists()
     # The same command (with a reachable step count) continues from that checkpoint.
     cmd[cmd.index("pretrain.steps=100000")] = f"pretrain.steps={step + 3}"
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resumed from {latest.parent / f'step{step:08d}'} (step {step})" in proc.stdout
     assert read_meta(tmp_path / "pretrain" / "final")["step"] == step + 3

@@ -7,7 +7,7 @@ import torch
 
 from prism_ds.config import ConfigError
 from prism_ds.text.prompt_data import PromptSolutionStream, load_tokenizer, special_ids
-from text_fixtures import (BOS, EOS, EOT, HEADER_END, HEADER_START, MASK, SPECIALS, WORDS, make_tokenizer, sample_rows,
+from helpers import (BOS, EOS, EOT, HEADER_END, HEADER_START, MASK, SPECIALS, WORDS, build_tokenizer, sample_rows,
                            text_config, token_id, write_jsonl, write_parquet)
 
 
@@ -15,7 +15,7 @@ from text_fixtures import (BOS, EOS, EOT, HEADER_END, HEADER_START, MASK, SPECIA
 def tok_dirs(tmp_path_factory):
     """(plain tokenizer dir, chat-template tokenizer dir)."""
     root = tmp_path_factory.mktemp("tok")
-    return make_tokenizer(root / "plain", chat_template=False), make_tokenizer(root / "chat", chat_template=True)
+    return build_tokenizer(root / "plain", chat_template=False), build_tokenizer(root / "chat", chat_template=True)
 
 
 def ids(*words):

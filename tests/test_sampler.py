@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prism_ds.core.sampler import sample
-from prism_ds.core.schedules import FixedKSchedule
+from prism_ds.core.schedules import EvenSchedule, sigma_max
 from prism_ds.models.prism_model import PrismOutput
 
 MASK, V, L = 0, 5, 12
@@ -31,11 +31,13 @@ def _start(batch=64):
     return tokens, fixed
 
 
-def _run(policy, k=2, steps=5, quality=None, logits=None, per_call=None, order="random", seed=0, batch=64):
+def _run(policy, k=2, steps=5, quality=None, logits=None, per_call=None, order="random", seed=0, batch=64,
+         count="fixed", eta=1.0, model=None):
     tokens, fixed = _start(batch)
     logits = torch.randn(L, V, generator=torch.Generator().manual_seed(9)) if logits is None else logits
-    model = ScriptedModel(logits, quality, per_call)
-    out = sample(model, tokens, fixed, MASK, steps, FixedKSchedule(remask_k=k), policy=policy, unmask_order=order,
+    model = model or ScriptedModel(logits, quality, per_call)
+    schedule = EvenSchedule(remask_count=count, remask_k=k, eta=eta)
+    out = sample(model, tokens, fixed, MASK, steps, schedule, policy=policy, unmask_order=order,
                  generator=torch.Generator().manual_seed(seed))
     return model.states + [out], fixed
 
@@ -45,17 +47,20 @@ def _transitions(states):
         yield before, after, (before != MASK) & (after == MASK), (before == MASK) & (after != MASK)
 
 
+@pytest.mark.parametrize("count", ["fixed", "binomial", "per-token"])
 @pytest.mark.parametrize("policy", ["none", "prism", "remdm", "remdm-conf"])
-def test_every_policy_keeps_fixed_tokens_and_finishes_in_n_steps(policy):
+def test_every_policy_keeps_fixed_tokens_and_finishes_in_n_steps(policy, count):
     quality = torch.randn(L)
-    states, fixed = _run(policy, quality=quality)
+    states, fixed = _run(policy, quality=quality, count=count, eta=0.5)
     assert len(states) == 6  # 5 forward passes, then the result
     for s in states:
         assert torch.equal(s[fixed], states[0][fixed])
     assert (states[-1] != MASK).all()
-    # Remasking never outpaces unmasking: the number of masks strictly falls every step.
+    # Counted remasking never outpaces unmasking: the number of masks strictly falls every step. (Per-token
+    # draws may remask more than are left to unmask, as in ReMDM; the last step still fills everything.)
     masked_counts = torch.stack([(s == MASK).sum(1) for s in states])
-    assert (masked_counts.diff(dim=0) < 0).all()
+    if count != "per-token" or policy == "none":
+        assert (masked_counts.diff(dim=0) < 0).all()
 
 
 def test_vanilla_never_changes_a_generated_token():
@@ -107,30 +112,89 @@ def test_remdm_remasks_uniformly_among_generated_tokens():
     assert free.min() > 0.75 * free.mean() and free.max() < 1.25 * free.mean()
 
 
-def test_remdm_conf_uses_the_probability_at_unmask_time_not_the_current_one():
-    """Step 0 is sure of every token (p ~ 1), later steps are unsure of all (p = 0.2). ReMDM-conf samples
-    the remasked token with probability proportional to exp(-confidence at unmask time), so tokens from
-    step 0 are ~e^0.8 times less likely per token; the authors' code, which overwrote confidences
-    every step, would treat all tokens alike."""
-    sure, unsure = torch.full((V,), -10.0), torch.zeros(V)
+def _sure_then_unsure(i):
+    """Step 0 is sure of token 1 everywhere (p ~ 1); every later step is uniform over the V - 1 non-mask tokens."""
+    sure = torch.full((V,), -10.0)
     sure[1] = 10.0
-    states, fixed = _run("remdm-conf", k=1, steps=6, batch=4000,
-                         per_call=lambda i: (sure if i == 0 else unsure).expand(L, V))
+    return (sure if i == 0 else torch.zeros(V)).expand(L, V)
+
+
+def test_remdm_conf_remasks_the_lowest_confidence_at_unmask_time_not_the_current_one():
+    """Tokens unmasked at step 0 had confidence ~1, later ones 1/(V-1). With fixed K, remdm-conf must remask
+    a later token whenever there is one; the authors' code, which overwrote confidences with the current
+    (uniform) probability every step, would pick step-0 tokens about as often as any other."""
+    states, fixed = _run("remdm-conf", k=1, steps=6, batch=2000, per_call=_sure_then_unsure)
     origin = torch.full(states[0].shape, -1)
-    observed = expect_remembered = expect_overwritten = 0.0
+    checked = 0
+    for i, (before, _, remasked, unmasked) in enumerate(_transitions(states)):
+        later = (before != MASK) & ~fixed & (origin > 0)
+        rows = remasked.any(1) & later.any(1)
+        assert not (remasked & (origin == 0))[rows].any(), f"step {i}: a sure step-0 token was remasked"
+        checked += int(rows.sum())
+        origin = torch.where(unmasked, i, origin)
+    assert checked > 1000
+
+
+def test_published_remdm_conf_remasks_each_token_with_softmax_of_negative_confidence_times_sigma_max():
+    """Per-token rule: P(remask i) = softmax(-confidence)_i * sigma_max, with the unsure probability
+    1/(V-1) = 0.25 (the mask is never a candidate, so it is not 1/V)."""
+    steps = 6
+    states, fixed = _run("remdm-conf", steps=steps, batch=4000, per_call=_sure_then_unsure, count="per-token")
+    origin = torch.full(states[0].shape, -1)
+    observed = expected = 0.0
     for i, (before, _, remasked, unmasked) in enumerate(_transitions(states)):
         eligible = (before != MASK) & ~fixed
-        n0 = (eligible & (origin == 0)).sum(1).double()
-        n1 = (eligible & (origin > 0)).sum(1).double()
-        event = remasked.any(1)
-        if i >= 2 and event.any():
-            observed += (remasked & (origin == 0)).sum().item()
-            w0, w1 = n0 * torch.exp(torch.tensor(-1.0)), n1 * torch.exp(torch.tensor(-0.2))
-            expect_remembered += (w0 / (w0 + w1))[event].sum().item()
-            expect_overwritten += (n0 / (n0 + n1))[event].sum().item()
+        if i >= 2 and i < steps - 1:
+            conf = torch.where(origin == 0, 1.0, 1.0 / (V - 1)).double()
+            weights = (-conf).masked_fill(~eligible, float("-inf")).softmax(-1).nan_to_num(0.0)
+            expected += (weights * sigma_max(i, steps))[origin > 0].sum().item()
+            observed += (remasked & (origin > 0)).sum().item()
+        if i == steps - 1:
+            assert not remasked.any()  # never on the last step
         origin = torch.where(unmasked, i, origin)
-    assert expect_overwritten > 1.3 * expect_remembered  # the two hypotheses are distinguishable here
-    assert abs(observed - expect_remembered) < 0.1 * expect_remembered
+    assert expected > 500
+    assert abs(observed - expected) < 0.05 * expected, (observed, expected)
+
+
+def test_binomial_count_is_binomial_in_clean_tokens_at_rate_min_eta_sigma_max():
+    """The schedule's binomial count (ReMDM-cap with remdm): K ~ Bin(#clean, min(eta, sigma_max))."""
+    n, length, steps, step = 20000, 100, 10, 5
+    masked = torch.zeros(n, length, dtype=torch.bool)
+    masked[:, 50:] = True
+    plan = EvenSchedule("binomial", eta=0.3).plan(step, steps, masked, ~masked, torch.full((n,), length),
+                                                  remasking=True, generator=torch.Generator().manual_seed(0))
+    rate = min(0.3, sigma_max(step, steps))
+    k = plan.remask_count.double()
+    assert rate == 0.3 and plan.remask_rate is None
+    assert abs(k.mean().item() - 50 * rate) < 0.1 and abs(k.var().item() - 50 * rate * (1 - rate)) < 0.5
+    last = EvenSchedule("binomial", eta=0.3).plan(steps - 1, steps, masked, ~masked, torch.full((n,), length), True)
+    assert (last.remask_count == 0).all()  # never on the last step
+    assert sigma_max(0, steps) == 1.0 and sigma_max(steps - 1, steps) == 0.0 and sigma_max(8, 10) == pytest.approx(0.125)
+
+
+def test_quality_is_read_from_the_current_tokens_not_a_stale_pass():
+    """The scripted quality depends on the tokens it is shown; PRISM must remask the K lowest qualities of the
+    state the step starts from (a sampler reusing the previous pass's quality would pick other tokens)."""
+
+    class TokenQuality(ScriptedModel):
+        def forward(self, tokens, need_logits=True, need_quality=True):
+            out = super().forward(tokens, need_logits, need_quality)
+            right = torch.roll(tokens, -1, dims=1)
+            out.quality = (tokens + 0.3 * right + 0.001 * torch.arange(L)).float() if need_quality else None
+            return out
+
+    logits = torch.randn(L, V, generator=torch.Generator().manual_seed(4))
+    model = TokenQuality(logits)
+    states, fixed = _run("prism", k=2, steps=5, model=model, batch=256)
+    checked = 0
+    for before, after, remasked, _ in _transitions(states):
+        eligible = (before != MASK) & ~fixed
+        q = (before + 0.3 * torch.roll(before, -1, dims=1) + 0.001 * torch.arange(L)).float()
+        for row in remasked.any(1).nonzero().flatten().tolist():
+            want = set(q[row].masked_fill(~eligible[row], float("inf")).topk(2, largest=False).indices.tolist())
+            assert set(remasked[row].nonzero().flatten().tolist()) == want
+            checked += 1
+    assert checked > 100
 
 
 def test_confidence_order_unmasks_the_most_confident_positions_first():

@@ -81,3 +81,42 @@ def test_bad_csv_rows_name_file_and_line(tmp_path, line, message):
     (tmp_path / "bad.csv").write_text(good + "\n" + line + "\n")
     with pytest.raises(ValueError, match=message):
         read_csv(tmp_path / "bad.csv", spec)
+
+
+def test_table_reports_mean_over_seeds_intervals_and_the_paired_lead_over_the_strongest_baseline():
+    from prism_ds.sudoku.evaluate import format_table
+
+    def row(policy, seed, solved):
+        return {"steps": 4, "policy": policy, "seed": seed, "n": len(solved), "success": sum(solved) / len(solved),
+                "solved": "".join(map(str, solved))}
+
+    rows = [row("none", 0, [0, 0, 1, 0]), row("none", 1, [0, 1, 0, 0]),
+            row("remdm", 0, [1, 0, 1, 0]), row("remdm", 1, [1, 0, 1, 1]),
+            row("remdm-conf:per-token", 0, [0, 0, 1, 1]), row("remdm-conf:per-token", 1, [0, 0, 1, 0]),
+            row("prism", 0, [1, 1, 1, 0]), row("prism", 1, [1, 1, 1, 1])]
+    table = format_table(rows)
+    # remdm: per-puzzle means [1, 0, 1, .5] -> 62.5%, sd 0.4787, half-width 1.96 * 0.4787 / 2 = 0.469
+    assert "| remdm | 62.5 ± 46.9 |" in table and "mean over 2 sampler seed(s)" in table
+    # Strongest baseline is remdm (62.5 > 37.5); prism - remdm per puzzle: [0, 1, 0, 0] -> +25.0 ± 49.0
+    assert "4 steps: prism − strongest baseline (remdm) = +25.0 points" in table
+    assert "-24.0 to +74.0" in table
+
+
+def test_unknown_policy_or_count_is_named():
+    from prism_ds.core.remask import parse_variant
+
+    assert parse_variant("remdm:binomial") == ("remdm", "binomial")
+    assert parse_variant("prism", "per-token") == ("prism", "per-token")
+    with pytest.raises(ValueError, match="sampler.policy='remdmx'"):
+        parse_variant("remdmx")
+    with pytest.raises(ValueError, match="remask count 'poisson'"):
+        parse_variant("remdm:poisson")
+
+
+def test_project_license_is_an_spdx_string():
+    """A table here makes setuptools print a deprecation banner on every install (the newcomer's first screen)."""
+    import tomllib
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"

@@ -8,11 +8,9 @@ import torch
 
 import prism_ds.core.objective as objective
 import prism_ds.engine.trainer as trainer
-from conftest import tiny_overrides
+from helpers import REPO, build_tokenizer, free_port, read_scalars, sample_rows, subprocess_env, tiny_overrides, write_jsonl
 from prism_ds.config import load_config
 from prism_ds.engine.checkpoint import load_model, read_meta
-from test_engine import _env, _free_port, _scalars
-from text_fixtures import build_tokenizer, sample_rows, write_jsonl
 
 MAX_LEN = 22  # the longest fixture rows (25 tokens) are truncated
 
@@ -121,15 +119,15 @@ def test_two_rank_zero3_text_run_shards_the_rows_and_sums_the_counts(tmp_path):
     overrides = tiny_overrides(tmp_path / "run", task="text", **{
         "text.source": train_file, "text.tokenizer": tok, "text.max_length": MAX_LEN, "pretrain.steps": 6,
         "pretrain.micro_batch_size": 8, "pretrain.log_every": 6, "pretrain.ds_config": "zero3.json"})
-    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                            "prism_ds.cli", "train", "--stage", "pretrain", "--no-progress", *overrides],
-                          env=_env(), cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("[prism-ds] pretrain finished") == 2
     # 6 steps x 8 rows x 2 ranks = all 96 rows once: each rank read its own half, so every over-long row
     # of the file was truncated exactly once across the ranks.
     lengths = [1 + len(r["prompt"].split()) + len(r["solution"].split()) + 1 for r in sample_rows(96)]
-    assert _scalars(tmp_path / "run" / "pretrain" / "tb")["data/truncated"] == [sum(n > MAX_LEN for n in lengths)]
+    assert read_scalars(tmp_path / "run" / "pretrain" / "tb")["data/truncated"] == [sum(n > MAX_LEN for n in lengths)]
     model, _ = load_model(tmp_path / "run" / "pretrain" / "final")
     assert model.quality_head is None

@@ -1,12 +1,13 @@
 """Engine details in one process: optimizer groups and schedules, zero.Init, checkpoint rotation,
 crash-safe `latest`, NaN stops, resume guards and ZeRO-3 with CPU offload."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from prism_ds.config import ConfigError, StageConfig, load_config
 from prism_ds.engine.distributed import build_ds_config
 from prism_ds.engine.optim import build_optimizer, build_scheduler
@@ -149,7 +150,10 @@ def test_non_finite_step_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_resuming_with_a_different_model_is_named(tmp_path):
     _run(_cfg(tmp_path, **{"pretrain.steps": 2}))
     bigger = _cfg(tmp_path, **{"pretrain.steps": 4, "model.hidden": 64})
-    with pytest.raises(ConfigError, match=r"run.json: cannot resume.*model.hidden: checkpoint 32 vs run 64"):
+    with pytest.raises(ConfigError, match=r"final was trained with a different config \(model.hidden: 32 -> 64"):
+        _run(bigger)  # the finished stage
+    shutil.rmtree(tmp_path / "pretrain" / "final")  # as if interrupted after the last checkpoint
+    with pytest.raises(ConfigError, match=r"run.json: cannot resume.*model.hidden: 32 -> 64"):
         _run(bigger)
 
 

@@ -1,9 +1,9 @@
-"""Calibration of the quality head: expected calibration error and a reliability diagram.
+"""Calibration of the quality head: reliability bins and the expected calibration error.
 
 sigmoid(g_i) is read as the probability that token i is right (label 1[x_i = y_i]). The paper
 names calibration of the quality head as a missing check, so prism-ds logs it live to TensorBoard.
 ECE = sum over equal-width confidence bins of (bin share) * |accuracy - mean confidence|; 0 means
-the head's probabilities can be taken at face value.
+the head's probabilities can be taken at face value. (The diagram is drawn in engine/plots.py.)
 """
 from __future__ import annotations
 
@@ -28,40 +28,3 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
         return float("nan")
     gap = (acc - conf).abs().nan_to_num(0.0)
     return float((count / count.sum() * gap).sum())
-
-
-def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10, size: int = 256) -> torch.Tensor:
-    """An RGB uint8 image [3, size, size] of the reliability diagram, for SummaryWriter.add_image (CHW)."""
-    conf, acc, count = reliability_bins(probs, labels, n_bins)
-    img = torch.full((3, size, size), 255, dtype=torch.uint8)
-    margin, strip = size // 16, size // 10  # frame margin; count histogram strip at the bottom
-    plot = size - 2 * margin - strip  # side of the square plot area
-    top, left = margin, margin
-
-    def fill(y0: int, y1: int, x0: int, x1: int, rgb: tuple[int, int, int], alpha: float = 1.0) -> None:
-        ys, xs = slice(max(y0, 0), max(y1, 0)), slice(max(x0, 0), max(x1, 0))
-        colour = torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1)
-        img[:, ys, xs] = (img[:, ys, xs].float() * (1 - alpha) + colour * alpha).round().to(torch.uint8)
-
-    for k in range(1, 4):  # light grid at 0.25 / 0.5 / 0.75
-        r = top + plot - k * plot // 4
-        fill(r, r + 1, left, left + plot, (225, 225, 225))
-        fill(top, top + plot, left + k * plot // 4, left + k * plot // 4 + 1, (225, 225, 225))
-    width = plot / n_bins
-    for b in range(n_bins):
-        x0, x1 = left + int(b * width) + 1, left + int((b + 1) * width) - 1
-        if count[b] == 0:
-            continue
-        bar = int(round(float(acc[b]) * plot))
-        fill(top + plot - bar, top + plot, x0, x1, (66, 114, 196))  # accuracy (blue)
-        c = int(round(float(conf[b]) * plot))  # gap to the bin's confidence (red)
-        lo, hi = sorted((top + plot - bar, top + plot - c))
-        fill(lo, hi, x0, x1, (222, 60, 50), alpha=0.4)  # translucent: the blue bar shows through
-        h = int(round(float(count[b] / count.max()) * (strip - 4)))  # sample counts (grey)
-        fill(size - margin - h, size - margin, x0, x1, (150, 150, 150))
-    # Diagonal y = x (perfect calibration) and the frame.
-    xs = torch.arange(plot)
-    img[:, top + plot - 1 - xs, left + xs] = 0
-    fill(top, top + plot, left - 1, left, (0, 0, 0))
-    fill(top + plot, top + plot + 1, left - 1, left + plot, (0, 0, 0))
-    return img

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 def mdm_loss(logits: torch.Tensor, x: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
              lengths: torch.Tensor | float) -> torch.Tensor:
-    """Per sample, the sum over masked positions of CE(x_i | z) / t divided by its length; mean over the batch.
+    """Per sample, the sum over masked positions of CE(x_i | z) / t divided by `lengths`; mean over the batch.
 
-    lengths = L for pretraining (so the total is normalised by B * L, as in MDLM); each sample's answer
-    length (solution + EOS pads) for prompt/solution SFT data, as in LLaDA.
+    lengths = the sample's maskable positions (Sudoku cells; the answer plus its EOS pads for
+    prompt/solution data, as in LLaDA's SFT). About n = t * lengths positions are masked, so this is the
+    MDLM/LLaDA form of the paper's (1/n) sum of CE over the n masked positions (equal when n = t * lengths),
+    and lambda weighs the two terms of equation (3) as the paper's lambda does.
     """
     ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")  # [B, L]
     return ((ce * masked / t[:, None]).sum(1) / lengths).mean()

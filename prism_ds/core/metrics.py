@@ -20,3 +20,14 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     mean_rank = ends - (counts.double() - 1) / 2
     ranks[order] = mean_rank[inverse]
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def mean_ci95(per_unit: torch.Tensor) -> tuple[float, float]:
+    """Mean of per-unit values (e.g. each puzzle's success averaged over seeds) and its 95% half-width.
+
+    Normal approximation, 1.96 * sd / sqrt(n): the units are independent draws, repeats within a unit are not.
+    """
+    v = per_unit.double().flatten()
+    if len(v) < 2:
+        return float(v.mean()) if len(v) else float("nan"), float("nan")
+    return float(v.mean()), float(1.96 * v.std(unbiased=True) / len(v) ** 0.5)

@@ -26,11 +26,12 @@ class StepLosses:
 
 
 def compute_losses(model, x: torch.Tensor, fixed: torch.Tensor, mask_id: int, mode: str, masking_cfg, prism_cfg,
-                   lengths: torch.Tensor | float | None = None, generator: torch.Generator | None = None
-                   ) -> StepLosses:
+                   lengths: torch.Tensor | float | None = None, generator: torch.Generator | None = None,
+                   allowed_tokens: torch.Tensor | None = None) -> StepLosses:
     """Loss for `mode` "pretrain" (MDM only) or "prism" (PRISM + lambda * MDM).
 
-    lengths: per-sample MDM normaliser [B] (answer lengths for SFT data); None = the sequence length.
+    lengths: per-sample MDM normaliser [B], the maskable positions of each sample (Sudoku cells, answer
+    tokens); None = the sequence length. allowed_tokens: bool [V], what y may hold (as at sampling time).
     """
     batch = mask_tokens(x, fixed, mask_id, eps=masking_cfg.eps, antithetic=masking_cfg.antithetic, generator=generator)
     norm = x.shape[1] if lengths is None else lengths
@@ -40,7 +41,7 @@ def compute_losses(model, x: torch.Tensor, fixed: torch.Tensor, mask_id: int, mo
         return StepLosses(total=mdm, mdm=mdm, tokens=x.numel())
     yb = build_y(x, batch.z, batch.masked, out_z.logits, k=prism_cfg.k, n_y=prism_cfg.n_y,
                  positions=prism_cfg.y_positions, top_p=prism_cfg.nucleus_p, temperature=prism_cfg.temperature,
-                 generator=generator, mask_id=mask_id)
+                 generator=generator, mask_id=mask_id, allowed_tokens=allowed_tokens)
     quality = model(yb.y, need_logits=False, need_quality=True).quality
     prism = prism_loss(quality, yb.label, yb.chosen)
     return StepLosses(total=prism + prism_cfg.lam * mdm, mdm=mdm, prism=prism,

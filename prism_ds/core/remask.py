@@ -1,18 +1,32 @@
-"""Remask policies: which clean tokens to send back to the mask each step (higher score = remask first).
+"""Remask policies: *which* clean tokens go back to the mask (the schedule decides *how many*).
 
-  none        vanilla MDM sampling, nothing is remasked
-  prism       the K tokens with the lowest learned quality g(x_t) from the current forward pass
-  remdm       K tokens uniformly at random (ReMDM)
-  remdm-conf  K tokens drawn with probability proportional to softmax(-confidence), where a token's
-              confidence is its probability when it was unmasked, kept until it is remasked (ReMDM-conf)
+A policy gives every clean token a remask priority (higher = remask first):
+  none        nothing is remasked (vanilla MDM sampling)
+  prism       the lowest learned quality g(x_t), from the current forward pass, first
+  remdm       all equal: a uniformly random subset (ReMDM)
+  remdm-conf  the lowest confidence first; a token's confidence is its probability when it was
+              unmasked, kept until it is remasked (ReMDM-conf; the authors' code overwrote it every step)
+
+The schedule's remask count (schedules.REMASK_COUNTS) turns priorities into a choice:
+  fixed, binomial  a count K per row; the K highest priorities are remasked, ties at random
+  per-token        each clean token independently with probability sigma_t * softmax(priority)_i
+The published ReMDM variants (Wang et al. 2025) are then ReMDM-cap = remdm with binomial counts and
+sigma_t = min(eta, sigma_max), and ReMDM-conf = remdm-conf with per-token draws and sigma_t = sigma_max.
 """
 from __future__ import annotations
 
 import torch
 
-from prism_ds.core.sampling_utils import gumbel_noise
+from prism_ds.core.sampling_utils import select_top
+from prism_ds.core.schedules import REMASK_COUNTS
 
 POLICIES = ("none", "prism", "remdm", "remdm-conf")
+
+
+def check_policy(policy: str) -> None:
+    """Raise a ValueError naming sampler.policy when `policy` is unknown."""
+    if policy not in POLICIES:
+        raise ValueError(f"sampler.policy={policy!r}: expected one of {POLICIES}")
 
 
 def needs_quality(policy: str) -> bool:
@@ -20,15 +34,34 @@ def needs_quality(policy: str) -> bool:
     return policy == "prism"
 
 
-def remask_scores(policy: str, quality: torch.Tensor | None, confidence: torch.Tensor,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Score [B, L] for each position; the sampler remasks the top-scoring eligible clean tokens."""
+def remask_priority(policy: str, quality: torch.Tensor | None, confidence: torch.Tensor) -> torch.Tensor:
+    """Priority [B, L] float64 of each position for remasking (higher first); deterministic."""
+    check_policy(policy)
     if policy == "prism":
         if quality is None:
-            raise ValueError("sampler.policy='prism' needs a model with a quality head (fine-tune one with `prism-ds train --stage finetune`)")
+            raise ValueError("sampler.policy='prism' needs a model with a quality head "
+                             "(fine-tune one with `prism-ds train --stage finetune`)")
         return -quality.double()
-    if policy == "remdm":
-        return gumbel_noise(confidence.shape, generator, confidence.device)
-    if policy == "remdm-conf":  # Gumbel-top-K samples K positions without replacement from softmax(-conf)
-        return -confidence + gumbel_noise(confidence.shape, generator, confidence.device)
-    raise ValueError(f"sampler.policy={policy!r}: expected one of {POLICIES}")
+    if policy == "remdm-conf":
+        return -confidence.double()
+    return torch.zeros_like(confidence, dtype=torch.float64)  # remdm (and none): every token alike
+
+
+def choose_remask(priority: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor | None,
+                  rate: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Bool [B, L] of the tokens to remask: top-`count` priorities, or per-token draws at `rate` [B]."""
+    if rate is None:
+        return select_top(priority, eligible, count, generator=generator, random_ties=True)
+    weights = priority.masked_fill(~eligible, float("-inf")).softmax(-1).nan_to_num(0.0)  # rows with none eligible
+    p = (rate.double()[:, None] * weights).clamp(0, 1)
+    return (torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64) < p) & eligible
+
+
+def parse_variant(spec: str, default_count: str = "fixed") -> tuple[str, str]:
+    """A sampler row "policy" or "policy:count" (e.g. "remdm:binomial", ReMDM-cap) -> (policy, count)."""
+    policy, _, count = spec.partition(":")
+    count = count or default_count
+    check_policy(policy)
+    if count not in REMASK_COUNTS:
+        raise ValueError(f"sampler.policies: {spec!r}: remask count {count!r} is not one of {REMASK_COUNTS}")
+    return policy, count

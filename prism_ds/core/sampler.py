@@ -1,4 +1,4 @@
-"""The one sampling loop (Algorithm 3) for every model: unmask by a schedule, remask by a policy.
+"""The one sampling loop (Algorithms 2 and 3) for every model: unmask by a schedule, remask by a policy.
 
 Each step makes one forward pass that gives the unmasking logits and, when the policy needs it, the
 quality of the current tokens. Fixed tokens (Sudoku clues, prompts) are never changed.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from prism_ds.core.remask import needs_quality, remask_scores
+from prism_ds.core.remask import choose_remask, needs_quality, remask_priority
 from prism_ds.core.sampling_utils import sample_tokens, select_top
 from prism_ds.core.schedules import Schedule, unmask_scores
 
@@ -35,12 +35,16 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         logits[..., mask_id] = float("-inf")  # a sampled token is never the mask
         if allowed_tokens is not None:  # e.g. only digits may fill a Sudoku cell
             logits[..., ~allowed_tokens] = float("-inf")
-        plan = schedule.plan(step, num_steps, masked, target, remasking=policy != "none")
-        clean = ~masked & ~fixed & plan.window
-        remask = (select_top(remask_scores(policy, out.quality, confidence, generator), clean, plan.remask)
-                  if policy != "none" else torch.zeros_like(masked))
+        clean = ~masked & ~fixed
+        plan = schedule.plan(step, num_steps, masked, clean, target, remasking=policy != "none", generator=generator)
+        remask = torch.zeros_like(masked)
+        if policy != "none":  # quality and confidence describe `tokens` as they are now, before this step's changes
+            remask = choose_remask(remask_priority(policy, out.quality, confidence), clean & plan.window,
+                                   plan.remask_count, plan.remask_rate, generator)
         proposal, proposal_prob = sample_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
-        unmask = select_top(unmask_scores(unmask_order, proposal_prob, generator), masked & plan.window, plan.unmask)
+        fillable = masked & plan.window  # a token remasked now is not refilled in the same step
+        n_unmask = torch.minimum(plan.unmask + remask.sum(1), fillable.sum(1))
+        unmask = select_top(unmask_scores(unmask_order, proposal_prob, generator), fillable, n_unmask)
         tokens = torch.where(unmask, proposal, tokens).masked_fill(remask, mask_id)
         confidence = torch.where(unmask, proposal_prob, confidence)
         masked = (masked & ~unmask) | remask

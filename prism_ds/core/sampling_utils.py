@@ -40,8 +40,18 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
     return tokens, probs
 
 
-def select_top(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Bool [B, L]: per row, the `counts[b]` eligible positions with the highest scores."""
+def select_top(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor,
+               generator: torch.Generator | None = None, random_ties: bool = False) -> torch.Tensor:
+    """Bool [B, L]: per row, the `counts[b]` eligible positions with the highest scores.
+
+    random_ties: equal scores are ordered uniformly at random (so an all-equal score row gives a uniform
+    random subset); otherwise the leftmost wins a tie.
+    """
     scores = scores.double().masked_fill(~eligible, float("-inf"))
-    rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    if random_ties:  # shuffle first, then a stable sort keeps the shuffled order among equal scores
+        perm = torch.rand(scores.shape, generator=generator, device=scores.device).argsort(dim=-1)
+        order = perm.gather(-1, scores.gather(-1, perm).argsort(dim=-1, descending=True, stable=True))
+    else:
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank = order.argsort(dim=-1)
     return (rank < counts[:, None]) & eligible

@@ -12,12 +12,15 @@ import torch
 from prism_ds.core.sampling_utils import gumbel_noise, sample_tokens, select_top
 
 
-def _without_mask(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
-    """A copy of logits where the mask token can never be drawn."""
-    if mask_id is None:
+def _proposable(logits: torch.Tensor, mask_id: int | None, allowed_tokens: torch.Tensor | None) -> torch.Tensor:
+    """A copy of logits restricted to what sampling may produce: never the mask, only allowed tokens."""
+    if mask_id is None and allowed_tokens is None:
         return logits
     logits = logits.clone()
-    logits[..., mask_id] = float("-inf")
+    if mask_id is not None:
+        logits[..., mask_id] = float("-inf")
+    if allowed_tokens is not None:
+        logits[..., ~allowed_tokens.to(logits.device)] = float("-inf")
     return logits
 
 
@@ -32,13 +35,17 @@ class YBatch:
 
 def build_y(x: torch.Tensor, z: torch.Tensor, masked: torch.Tensor, logits: torch.Tensor, k: int, n_y: int = 1,
             positions: str = "random", top_p: float = 1.0, temperature: float = 1.0,
-            generator: torch.Generator | None = None, mask_id: int | None = None) -> YBatch:
-    """Fill k masked positions of each z (n_y independent subsets) with tokens sampled from f(. | z).
+            generator: torch.Generator | None = None, mask_id: int | None = None,
+            allowed_tokens: torch.Tensor | None = None) -> YBatch:
+    """Fill k masked positions of each z (n_y subsets) with tokens sampled from f(. | z).
 
-    positions: "random" picks the subset uniformly; "confidence" picks the masked positions where
-    f is most confident (max probability). Rows with fewer than k masked positions use them all.
+    positions: "random" picks each subset uniformly; "confidence" picks the masked positions where f is
+    most confident (max probability) when n_y = 1, and for n_y > 1 draws each subset without
+    replacement with probability proportional to that confidence, so the subsets differ.
+    Rows with fewer than k masked positions use them all.
     temperature 0 fills with argmax (the paper's LLaDA recipe); otherwise nucleus sampling with top_p.
-    mask_id: the mask token is never proposed (nor counted in the confidence), as at sampling time.
+    mask_id / allowed_tokens: y only holds tokens the sampler can produce (never the mask, e.g. only
+    digits in a Sudoku cell), so the head trains on the states it will judge.
     """
     if k < 1 or n_y < 1:
         raise ValueError(f"prism.k={k} and prism.n_y={n_y} must be >= 1")
@@ -47,7 +54,10 @@ def build_y(x: torch.Tensor, z: torch.Tensor, masked: torch.Tensor, logits: torc
     if positions == "random":
         scores = gumbel_noise((z.shape[0] * n_y, z.shape[1]), generator, z.device)
     elif positions == "confidence":
-        scores = rep(_without_mask(logits.float(), mask_id).softmax(-1).amax(-1))
+        confidence = _proposable(logits.float(), mask_id, allowed_tokens).softmax(-1).amax(-1)
+        scores = rep(confidence.double())
+        if n_y > 1:  # Gumbel-top-k on log-confidence = sampling without replacement proportional to confidence
+            scores = scores.log() + gumbel_noise(scores.shape, generator, z.device)
     else:
         raise ValueError(f"prism.y_positions={positions!r}: expected 'random' or 'confidence'")
     x, z, masked = rep(x), rep(z), rep(masked)
@@ -56,7 +66,7 @@ def build_y(x: torch.Tensor, z: torch.Tensor, masked: torch.Tensor, logits: torc
     # Sample only at the chosen positions: the full [B, L, V] float64 Gumbel draw would cost more
     # than the backbone pass at LLaDA's vocabulary.
     row, pos = chosen.nonzero(as_tuple=True)
-    picked = _without_mask(logits[torch.div(row, n_y, rounding_mode="floor"), pos], mask_id)
+    picked = _proposable(logits[torch.div(row, n_y, rounding_mode="floor"), pos], mask_id, allowed_tokens)
     tokens, _ = sample_tokens(picked, temperature=temperature, top_p=top_p, generator=generator)
     y = z.clone()
     y[row, pos] = tokens

@@ -25,7 +25,7 @@ class Batch:
 
     x: torch.Tensor  # [B, L] clean tokens
     fixed: torch.Tensor  # [B, L] bool, never masked (Sudoku separators, prompts)
-    lengths: torch.Tensor  # [B] float, MDM-loss normaliser per sample (L, or the answer length)
+    lengths: torch.Tensor  # [B] float, MDM-loss normaliser per sample: its maskable positions
     pad_tokens: int = 0  # padding beyond each sample's end, for the padding-waste scalar
 
     def to(self, device: torch.device) -> "Batch":
@@ -34,8 +34,9 @@ class Batch:
 
 
 def _board_batch(x: torch.Tensor, fixed_row: torch.Tensor) -> Batch:
-    """Fixed-length boards: the same never-masked positions in every row, loss normalised by L."""
-    return Batch(x, fixed_row[None].expand_as(x), torch.full((len(x),), float(x.shape[1])))
+    """Fixed-length boards: the same never-masked positions in every row, loss normalised by the maskable
+    count (the cells), so the MDM term is the paper's mean CE over masked positions in expectation."""
+    return Batch(x, fixed_row[None].expand_as(x), torch.full((len(x),), float((~fixed_row).sum())))
 
 
 def _text_batch(b) -> Batch:
@@ -104,6 +105,7 @@ class Task:
     mask_id: int
     seq_len: int
     maskable: int  # positions of a sequence that can be masked (bounds prism.k)
+    allowed_tokens: torch.Tensor | None = None  # bool [V]: what sampling (and so y) may put in a position
 
 
 def mask_seed(cfg: RunConfig, rank: int) -> int:
@@ -126,7 +128,7 @@ def _sudoku_task(cfg: RunConfig, micro_batch_size: int, rank: int, progress: boo
     fixed = spec.separator_mask()
     return Task(BoardBatches(train, fixed, micro_batch_size, seed=_DATA_SEED + cfg.seed * 1000 + rank),
                 _board_batch(heldout, fixed) if n_heldout else None,
-                spec.vocab_size, MASK_ID, spec.seq_len, int((~fixed).sum()))
+                spec.vocab_size, MASK_ID, spec.seq_len, int((~fixed).sum()), spec.digit_tokens())
 
 
 def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int) -> Task:

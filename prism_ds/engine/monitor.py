@@ -4,7 +4,7 @@ Scalars: loss/{total,mdm,prism} averaged over the window and over ranks, lr/<gro
 throughput/{tokens_per_s,samples_per_s}, data/padding_fraction, data/{truncated,dropped} (over-long text
 samples so far, all ranks), throughput/mfu (GPU only), and quality/{auroc,frac_correct} of the head on
 the training batches. Held-out calibration adds
-calibration/{ece,auroc} and the calibration/reliability image.
+calibration/{ece,auroc} and the calibration/reliability figure (engine/plots.py).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from prism_ds.core.calibration import expected_calibration_error, reliability_diagram
+from prism_ds.core.calibration import expected_calibration_error
 from prism_ds.core.metrics import auroc
 from prism_ds.core.objective import StepLosses
 from prism_ds.engine.distributed import device as dist_device
@@ -130,7 +130,9 @@ class Monitor:
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
-            self.writer.add_image("calibration/reliability", reliability_diagram(probs, labels, n_bins), step)
+            from prism_ds.engine.plots import reliability_figure
+
+            self.writer.add_figure("calibration/reliability", reliability_figure(probs, labels, n_bins), step)
         return scalars
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 Layout under <run_dir>/<stage>/checkpoints/:
     step00000200/          DeepSpeed's files (ZeRO partitions, optimizer and scheduler state)
         rank0_state.pt     this rank's data position, RNG states and EMA (one file per rank)
-        run.json           model signature and world size, checked on resume
+        run.json           stage, vocabulary, world size and the resolved config, checked on resume
     latest                 the newest *complete* tag
 `latest` is written by rank 0 only after every rank has finished writing (a barrier), through a
 temporary file and an atomic rename, so a crash during a save leaves it at the previous checkpoint.
@@ -33,8 +33,32 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 def signature(cfg: RunConfig, stage: str, vocab_size: int, world_size: int) -> dict:
     """What must match between a checkpoint and the run resuming from it."""
-    return {"stage": stage, "model": to_dict(cfg.model), "quality_head": to_dict(cfg.quality_head),
-            "vocab_size": vocab_size, "world_size": world_size}
+    return {"stage": stage, "vocab_size": vocab_size, "world_size": world_size, "config": to_dict(cfg)}
+
+
+# Keys that do not change what a stage trains: reusing or resuming across a change to them is fine.
+_BOOKKEEPING = {"run_dir", "sampler", "data.eval_csv", "data.n_eval", "data.blanks", "text.heldout_source"}
+_STAGE_BOOKKEEPING = ("log_every", "calib_every", "ckpt_every", "keep_last", "resume", "peak_tflops")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        out |= _flatten(value, dotted + ".") if isinstance(value, dict) else {dotted: value}
+    return out
+
+
+def config_diff(saved: dict, current: dict, stage: str, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys (with both values) where two resolved configs would train `stage` differently."""
+    other = "finetune" if stage == "pretrain" else "pretrain"
+    skip = set(_BOOKKEEPING) | {other} | {f"{stage}.{k}" for k in _STAGE_BOOKKEEPING + ignore}
+    if stage == "pretrain":  # the quality head and PRISM objective only exist in fine-tuning
+        skip |= {"prism", "quality_head"}
+    a, b = _flatten(saved), _flatten(current)
+    keep = lambda k: not any(k == s or k.startswith(s + ".") for s in skip)  # noqa: E731
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+            for k in sorted(set(a) | set(b)) if keep(k) and a.get(k) != b.get(k)]
 
 
 def _check_signature(saved: dict, current: dict, where: Path) -> None:
@@ -42,13 +66,11 @@ def _check_signature(saved: dict, current: dict, where: Path) -> None:
     for key in ("stage", "vocab_size", "world_size"):
         if saved[key] != current[key]:
             diffs.append(f"{key}: checkpoint {saved[key]} vs run {current[key]}")
-    for section in ("model", "quality_head"):
-        for key, value in current[section].items():
-            if saved[section].get(key) != value:
-                diffs.append(f"{section}.{key}: checkpoint {saved[section].get(key)} vs run {value}")
+    # The step count may change on resume (extend or shorten a run); nothing else that shapes training may.
+    diffs += config_diff(saved["config"], current["config"], current["stage"], ignore=("steps",))
     if diffs:
         raise ConfigError(f"{where}: cannot resume, this checkpoint belongs to a different run ("
-                          + "; ".join(diffs) + "). Use a new run_dir or set resume=false")
+                          + "; ".join(diffs) + "). Use a new run_dir, or start over with resume=false or --overwrite")
 
 
 def save_training_state(engine, ckpt_dir: Path, step: int, rank_state: dict, run_signature: dict,

@@ -9,10 +9,12 @@ trains with the PRISM objective (backbone trainable or frozen). A stage's direct
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from prism_ds.config import ConfigError, RunConfig, save_config, to_dict
@@ -23,7 +25,7 @@ from prism_ds.engine.data_source import Batch, Task, build_task, mask_seed
 from prism_ds.engine.ema import EMA
 from prism_ds.engine.monitor import Monitor
 from prism_ds.engine.optim import build_optimizer, build_scheduler
-from prism_ds.engine.resume import latest_tag, load_training_state, save_training_state, signature
+from prism_ds.engine.resume import config_diff, latest_tag, load_training_state, save_training_state, signature
 from prism_ds.models.prism_model import build_model
 
 STAGES = {"pretrain": "pretrain", "finetune": "prism"}  # stage name -> loss mode
@@ -105,32 +107,69 @@ def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.
 
 
 @torch.no_grad()
-def _heldout_quality(model, batch: Batch, cfg: RunConfig, mask_id: int, chunk: int
+def _heldout_quality(model, batch: Batch, cfg: RunConfig, task: Task, chunk: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quality logits and labels on the held-out set, in micro-batch chunks, with the same z and y every time."""
     model.eval()
     gen = torch.Generator(device=batch.x.device).manual_seed(cfg.seed + 99991)
     quality, label = [], []
     for i in range(0, len(batch.x), chunk):
-        out = compute_losses(model, batch.x[i:i + chunk], batch.fixed[i:i + chunk], mask_id, "prism", cfg.masking,
-                             cfg.prism, lengths=batch.lengths[i:i + chunk], generator=gen)
+        out = compute_losses(model, batch.x[i:i + chunk], batch.fixed[i:i + chunk], task.mask_id, "prism",
+                             cfg.masking, cfg.prism, lengths=batch.lengths[i:i + chunk], generator=gen,
+                             allowed_tokens=task.allowed_tokens)
         quality.append(out.quality)
         label.append(out.label)
     model.train()
     return torch.cat(quality), torch.cat(label)
 
 
-def train(cfg: RunConfig, stage: str, progress: bool = True) -> Path:
-    """Run one stage (resuming from its latest checkpoint when there is one); returns the final export."""
+def finished_export(cfg: RunConfig, stage: str, overwrite: bool = False) -> Path | None:
+    """The stage's final export when it was trained with this config (None: train it).
+
+    A finished stage with a config that would train differently is an error listing the differing keys;
+    `overwrite` (or `<stage>.resume=false`) starts over instead.
+    """
+    final = stage_dir(cfg, stage) / "final"
+    if overwrite or not getattr(cfg, stage).resume or not (final / "meta.json").exists():
+        return None
+    saved = yaml.safe_load((final / "config.yaml").read_text())
+    diff = config_diff(saved, to_dict(cfg), stage)
+    if diff:
+        raise ConfigError(f"{final} was trained with a different config ({'; '.join(diff)}). Pass --overwrite "
+                          f"(or {stage}.resume=false) to train it again, or use another run_dir")
+    return final
+
+
+def _start_over(ckpt_dir: Path, rank: int) -> None:
+    """Remove the stage's old DeepSpeed checkpoints so a fresh run never mixes with (or prunes into) them."""
+    if rank == 0 and ckpt_dir.exists():
+        print(f"[prism-ds] starting over: removing {ckpt_dir}")
+        shutil.rmtree(ckpt_dir)
+    dist_utils.barrier()
+
+
+def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = False) -> Path:
+    """Run one stage and return its final export.
+
+    A finished stage trained with the same config is returned as is; an interrupted one resumes from its
+    latest checkpoint. `overwrite` (or `<stage>.resume=false`) starts the stage over.
+    """
     import deepspeed
 
     if stage not in STAGES:
         raise ConfigError(f"stage '{stage}' is unknown; expected one of {sorted(STAGES)}")
     s, mode = getattr(cfg, stage), STAGES[stage]
     _check_stage(cfg, stage)
+    done = finished_export(cfg, stage, overwrite)
+    if done is not None:
+        if dist_utils.rank() == 0:
+            print(f"[prism-ds] {stage}: already finished with this config ({done}); nothing to do")
+        return done
     dist_utils.init_distributed()
     rank, n_ranks, device = dist_utils.rank(), dist_utils.world_size(), dist_utils.device()
     out_dir, ckpt_dir = stage_dir(cfg, stage), stage_dir(cfg, stage) / "checkpoints"
+    if overwrite or not s.resume:
+        _start_over(ckpt_dir, rank)
     task = build_task(cfg, s.micro_batch_size, rank, n_ranks, progress)
     if mode == "prism" and cfg.prism.k > task.maskable:
         raise ConfigError(f"prism.k={cfg.prism.k} exceeds the {task.maskable} maskable positions of a sequence")
@@ -149,7 +188,7 @@ def train(cfg: RunConfig, stage: str, progress: bool = True) -> Path:
     frozen = any(not p.requires_grad for p in engine.module.parameters())
 
     start, state = 0, None
-    resume_tag = _rank0_choice(latest_tag(ckpt_dir) if s.resume else None)  # one decision for all ranks
+    resume_tag = _rank0_choice(latest_tag(ckpt_dir))  # one decision for all ranks
     if resume_tag is not None:
         start, state = load_training_state(engine, ckpt_dir, resume_tag, run_sig, strict=not frozen)
         task.source.load_state_dict(state["source"])
@@ -188,7 +227,7 @@ def train(cfg: RunConfig, stage: str, progress: bool = True) -> Path:
             for _ in range(s.grad_accum):
                 batch = task.source.next_batch().to(device)
                 losses = compute_losses(engine, batch.x, batch.fixed, task.mask_id, mode, cfg.masking, cfg.prism,
-                                        lengths=batch.lengths, generator=mask_gen)
+                                        lengths=batch.lengths, generator=mask_gen, allowed_tokens=task.allowed_tokens)
                 # Every rank stops together: a rank raising alone would leave the others waiting in a collective.
                 if _any_rank(not torch.isfinite(losses.total).item(), device):
                     raise _not_finite(stage, f"the loss ({losses.total.item()} on rank {rank})", step, ckpt_dir)
@@ -207,7 +246,7 @@ def train(cfg: RunConfig, stage: str, progress: bool = True) -> Path:
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logged.items()
                                  if k.startswith(("loss", "quality/auroc"))})
             if heldout is not None and (step % s.calib_every == 0 or step == s.steps):
-                monitor.log_calibration(step, *_heldout_quality(engine.module, heldout, cfg, task.mask_id,
+                monitor.log_calibration(step, *_heldout_quality(engine.module, heldout, cfg, task,
                                                                   s.micro_batch_size))
             stop = _any_rank(interrupt.requested, device)  # all ranks save and stop together
             if step % s.ckpt_every == 0 or step == s.steps or stop:

@@ -1,68 +1,149 @@
-"""Sudoku success rate by number of sampling steps x remask policy, resumable cell by cell."""
+"""Sudoku success rate by number of sampling steps x remask variant x seed, resumable cell by cell.
+
+Each cell keeps which puzzles it solved, so the table reports per-cell 95% intervals over puzzles and
+a paired comparison of PRISM with the strongest baseline on the same puzzles and seeds.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from prism_ds.config import SamplerConfig
-from prism_ds.core.remask import POLICIES
+from prism_ds.config import RunConfig, SamplerConfig, to_dict
+from prism_ds.core.metrics import mean_ci95
+from prism_ds.core.remask import parse_variant
 from prism_ds.core.sampler import sample
-from prism_ds.core.schedules import FixedKSchedule
+from prism_ds.core.schedules import EvenSchedule
 from prism_ds.sudoku.board import MASK_ID, BoardSpec, is_solved
 
+# Sampler keys that choose which cells exist (not how a cell is computed): left out of the cache key.
+_CELL_KEYS = ("steps", "policies", "n_seeds", "batch_size")
 
-def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, policy: str, cfg: SamplerConfig,
-          progress: bool = False) -> torch.Tensor:
-    """Fill the blanks of `puzzles` [N, L] in `steps` sampler steps; clues and separators stay fixed."""
-    gen = torch.Generator(device=puzzles.device).manual_seed(cfg.seed)
-    schedule = FixedKSchedule(remask_k=cfg.remask_k)
+
+def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, variant: str, cfg: SamplerConfig,
+          seed: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Fill the blanks of `puzzles` [N, L] in `steps` sampler steps; clues and separators stay fixed.
+
+    variant: a remask policy, optionally with its count rule ("remdm:binomial"); seed: default cfg.seed.
+    """
+    policy, count = parse_variant(variant, cfg.remask_count)
+    gen = torch.Generator(device=puzzles.device).manual_seed(cfg.seed if seed is None else seed)
+    schedule = EvenSchedule(remask_count=count, remask_k=cfg.remask_k, eta=cfg.eta)
     outs = []
     for start in range(0, len(puzzles), cfg.batch_size):
         batch = puzzles[start:start + cfg.batch_size]
         outs.append(sample(model, batch, fixed=batch != MASK_ID, mask_id=MASK_ID, num_steps=steps, schedule=schedule,
                            policy=policy, unmask_order=cfg.unmask_order, temperature=cfg.temperature,
-                           top_p=cfg.top_p, allowed_tokens=spec.digit_tokens().to(puzzles.device), generator=gen, progress=progress))
+                           top_p=cfg.top_p, allowed_tokens=spec.digit_tokens().to(puzzles.device), generator=gen,
+                           progress=progress))
     return torch.cat(outs)
 
 
 def success_table(model, spec: BoardSpec, puzzles: torch.Tensor, cfg: SamplerConfig, results_path: str | Path,
                   progress: bool = True) -> list[dict]:
-    """Success rate for every (steps, policy) in cfg; finished cells are read back from results_path (JSONL)."""
-    for policy in cfg.policies:
-        if policy not in POLICIES:
-            raise ValueError(f"sampler.policies: {policy!r} is not one of {POLICIES}")
+    """One row per (steps, variant, seed) in cfg; finished cells are read back from results_path (JSONL)."""
+    for variant in cfg.policies:
+        parse_variant(variant, cfg.remask_count)  # fail before any sampling
+    if cfg.n_seeds < 1:
+        raise ValueError(f"sampler.n_seeds={cfg.n_seeds} must be >= 1")
     results_path = Path(results_path)
     done = {}
     if results_path.exists():
         for line in results_path.read_text().splitlines():
             row = json.loads(line)
-            done[(row["steps"], row["policy"])] = row
-    cells = [(st, p) for st in cfg.steps for p in cfg.policies]
+            done[(row["steps"], row["policy"], row["seed"])] = row
+    seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
+    cells = [(st, v, sd) for st in cfg.steps for v in cfg.policies for sd in seeds]
     model.eval()
-    for steps, policy in tqdm(cells, desc="evaluating steps x policy", disable=not progress):
-        if (steps, policy) in done:
+    for steps, variant, seed in tqdm(cells, desc="evaluating steps x policy x seed", disable=not progress):
+        if (steps, variant, seed) in done:
             continue
-        filled = solve(model, spec, puzzles, steps, policy, cfg)
-        row = {"steps": steps, "policy": policy, "remask_k": cfg.remask_k if policy != "none" else 0,
-               "n": len(puzzles), "success": is_solved(spec, filled.cpu(), puzzles.cpu()).float().mean().item()}
-        done[(steps, policy)] = row
+        solved = is_solved(spec, solve(model, spec, puzzles, steps, variant, cfg, seed).cpu(), puzzles.cpu())
+        row = {"steps": steps, "policy": variant, "seed": seed, "n": len(puzzles),
+               "success": solved.float().mean().item(), "solved": "".join("01"[int(b)] for b in solved.tolist())}
+        done[(steps, variant, seed)] = row
         results_path.parent.mkdir(parents=True, exist_ok=True)
-        with results_path.open("a") as fh:
+        with results_path.open("a") as fh:  # append per cell: an interrupted evaluation loses nothing
             fh.write(json.dumps(row) + "\n")
     return [done[c] for c in cells]
 
 
+def _per_puzzle(rows: list[dict], steps: int, variant: str) -> torch.Tensor:
+    """Each puzzle's success averaged over the seeds of one cell: [n_puzzles]."""
+    runs = [torch.tensor([c == "1" for c in r["solved"]], dtype=torch.float64)
+            for r in rows if r["steps"] == steps and r["policy"] == variant]
+    return torch.stack(runs).mean(0)
+
+
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: one row per policy, one column per step count."""
+    """Markdown table (policies x steps, mean success ± 95% interval) and PRISM's paired lead."""
     steps = sorted({r["steps"] for r in rows})
-    policies = list(dict.fromkeys(r["policy"] for r in rows))
-    cell = {(r["policy"], r["steps"]): r for r in rows}
-    lines = ["| policy | " + " | ".join(f"{s} steps" for s in steps) + " |",
-             "|---|" + "---|" * len(steps)]
-    for p in policies:
-        lines.append(f"| {p} | " + " | ".join(f"{100 * cell[p, s]['success']:.1f}%" if (p, s) in cell else "-"
+    variants = list(dict.fromkeys(r["policy"] for r in rows))
+    n_seeds = len({r["seed"] for r in rows})
+    stats = {(v, s): mean_ci95(_per_puzzle(rows, s, v)) for v in variants for s in steps}
+    lines = ["| policy | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(f"{100 * stats[v, s][0]:.1f} ± {100 * stats[v, s][1]:.1f}"
                                              for s in steps) + " |")
+    lines.append(f"\nCells: % solved, mean over {n_seeds} sampler seed(s) ± 95% interval over puzzles.")
+    baselines = [v for v in variants if parse_variant(v)[0] not in ("prism", "none")]
+    for prism in (v for v in variants if parse_variant(v)[0] == "prism"):
+        for s in steps if baselines else []:
+            best = max(baselines, key=lambda v: stats[v, s][0])
+            lead, half = mean_ci95(_per_puzzle(rows, s, prism) - _per_puzzle(rows, s, best))
+            lines.append(f"- {s} steps: {prism} − strongest baseline ({best}) = {100 * lead:+.1f} points "
+                         f"(paired, 95% interval {100 * (lead - half):+.1f} to {100 * (lead + half):+.1f})")
     return "\n".join(lines)
+
+
+def _hash_files(files: list[Path], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for file in files:
+        h.update(file.name.encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def results_key(checkpoint: str | Path, puzzles_path: Path, cfg: SamplerConfig) -> str:
+    """Cache key from the checkpoint's content (meta + weights), the puzzles' content and the sampler settings."""
+    from prism_ds.engine.checkpoint import backbone_file
+
+    checkpoint = Path(checkpoint)
+    files = [checkpoint / "meta.json", backbone_file(checkpoint), *sorted(checkpoint.glob("quality_head*.safetensors")),
+             puzzles_path]
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _CELL_KEYS}
+    return _hash_files(files, json.dumps(settings, sort_keys=True))
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, progress: bool = True) -> str:
+    """Success table of a checkpoint on the run's evaluation puzzles; results are cached next to it."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from prism_ds.engine import distributed as dist_utils
+    from prism_ds.engine.checkpoint import load_model
+    from prism_ds.sudoku.data import board_spec, eval_puzzles
+
+    device = dist_utils.device()
+    model, ckpt_cfg = load_model(checkpoint, device)
+    spec = board_spec(ckpt_cfg)
+    if board_spec(cfg) != spec:
+        raise ValueError(f"{checkpoint} was trained on {spec.n}x{spec.n} boards but data.box_rows/box_cols "
+                         f"ask for {board_spec(cfg).n}x{board_spec(cfg).n}")
+    puzzles, path = eval_puzzles(cfg, progress)
+    s = cfg.sampler
+    key = results_key(checkpoint, path, s)
+    out_dir = Path(checkpoint).parent / "eval"
+    rows = success_table(model, spec, puzzles.to(device), s, out_dir / f"results_{key}.jsonl", progress)
+    with SummaryWriter(str(out_dir / f"tb_{key}")) as writer:  # x axis = number of sampler steps
+        for st in s.steps:
+            for v in s.policies:
+                writer.add_scalar(f"success/{v}", mean_ci95(_per_puzzle(rows, st, v))[0], st)
+    header = (f"Success rate on {len(puzzles)} {spec.n}x{spec.n} puzzles with {cfg.data.blanks} blanks "
+              f"({path}); remask count {s.remask_count} (K={s.remask_k}, eta={s.eta}) unless a row names its own, "
+              f"unmask order {s.unmask_order}, temperature {s.temperature}; results cache key {key}")
+    return header + "\n\n" + format_table(rows)

@@ -1,13 +1,55 @@
-"""Test helpers for the text pipeline: a tiny LLaDA-style tokenizer saved locally and small JSONL/parquet files.
+"""Shared test helpers: tiny run configs, subprocess environment, TensorBoard reading, and text fixtures.
 
-Everything is built offline: a WordLevel tokenizer over a fixed word list, wrapped as PreTrainedTokenizerFast.
+Everything is built offline: the text fixtures are a WordLevel tokenizer over a fixed word list with
+LLaDA's special tokens, wrapped as PreTrainedTokenizerFast, and small JSONL/parquet files.
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 from prism_ds.config import TextDataConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(run_dir, **extra) -> list[str]:
+    """Overrides that shrink the CPU recipe to seconds: 4x4 boards and a one-block DiT."""
+    values = {"run_dir": str(run_dir), "data.box_rows": 2, "data.box_cols": 2, "data.n_train": 300,
+              "data.n_eval": 40, "data.blanks": 8, "model.hidden": 32, "model.n_blocks": 1, "model.n_heads": 2,
+              "model.cond_dim": 16, "pretrain.steps": 40, "pretrain.micro_batch_size": 32, "pretrain.log_every": 10,
+              "pretrain.warmup_steps": 5, "finetune.steps": 30, "finetune.micro_batch_size": 32,
+              "finetune.log_every": 10, "finetune.warmup_steps": 5, "prism.k": 2, "sampler.steps": "[2,4]",
+              "sampler.batch_size": 40}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def subprocess_env() -> dict:
+    """Environment for launching prism-ds / deepspeed in a child process on CPU."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # in-process training set these; the launcher must choose its own
+    return env
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_scalars(tb_dir) -> dict[str, list[float]]:
+    """Every scalar series of a TensorBoard log directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
 
 BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
 HEADER_START, HEADER_END, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
@@ -43,8 +85,6 @@ def build_tokenizer(directory: str | Path, chat_template: bool = False) -> str:
     tok.save_pretrained(str(directory))
     return str(directory)
 
-
-make_tokenizer = build_tokenizer  # the name the brief's tests use
 
 
 def token_id(word: str) -> int:
