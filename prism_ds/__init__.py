@@ -4,9 +4,10 @@ Public API (everything else is internal):
     load_config, RunConfig             typed configs from YAML recipes + dotted overrides
     mask_tokens, build_y               the masking process and PRISM y-construction
     mdm_loss, prism_loss               the two loss terms
-    sample, EvenSchedule, POLICIES   the sampler loop, its unmask schedule and remask policies
-    build_model, PrismModel            DiT backbone + quality head
-    train, load_model                  DeepSpeed training stage and checkpoint loading
+    sample, EvenSchedule, POLICIES     the sampler loop, its unmask schedule and remask policies
+    build_model, PrismModel            DiT backbone + quality head (PrismModel wraps any backbone)
+    LLaDAConfig, LLaDAModelLM          LLaDA, checkpoint-compatible with GSAI-ML/LLaDA-8B-Instruct
+    train, load_model                  DeepSpeed training stage; loading exports and pretrained folders
 """
 from prism_ds.config import RunConfig, load_config
 from prism_ds.core.loss import mdm_loss, prism_loss
@@ -17,8 +18,10 @@ from prism_ds.core.schedules import EvenSchedule
 from prism_ds.core.y_construction import build_y
 from prism_ds.engine.checkpoint import load_model
 from prism_ds.engine.trainer import train
+from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM
 from prism_ds.models.prism_model import PrismModel, build_model
 
 __all__ = ["RunConfig", "load_config", "mask_tokens", "build_y", "mdm_loss", "prism_loss", "sample",
-           "EvenSchedule", "POLICIES", "build_model", "PrismModel", "train", "load_model"]
+           "EvenSchedule", "POLICIES", "build_model", "PrismModel", "LLaDAConfig", "LLaDAModelLM", "train",
+           "load_model"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""`prism-ds` command line: train, sample, eval, demo, gen-sudoku.
+"""`prism-ds` command line: train, sample, eval, demo, gen-sudoku, make-tiny-llada.
 
 Every subcommand takes --recipe (a shipped recipe name or a YAML path) and trailing dotted
 overrides such as `model.hidden=256 finetune.steps=500`.
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="train both stages again even if they finished")
     _add_config_args(p)
 
+    p = sub.add_parser("make-tiny-llada", help="write a tiny random LLaDA folder (official layout and special "
+                                                 "tokens) and code pairs for CPU smoke runs")
+    p.add_argument("--out", default="runs/llada-tiny", help="writes OUT/model and OUT/data/{train,heldout}.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("gen-sudoku", help="write solved boards or unique-solution puzzles as CSV")
     p.add_argument("--box-rows", type=int, default=3)
     p.add_argument("--box-cols", type=int, default=3)
@@ -70,6 +75,15 @@ def _run(args: argparse.Namespace) -> None:
         write_csv(args.out, boards)
         print(f"wrote {len(boards)} boards to {args.out}")
         return
+    if args.command == "make-tiny-llada":
+        from pathlib import Path
+
+        from prism_ds.models.tiny_llada import write_code_pairs, write_tiny_llada
+
+        model = write_tiny_llada(Path(args.out) / "model", seed=args.seed)
+        train, held = write_code_pairs(Path(args.out) / "data")
+        print(f"wrote a tiny random LLaDA to {model} and code pairs to {train}, {held}")
+        return
     if args.command == "sample":
         _sample(args, progress)
         return
@@ -77,7 +91,11 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from prism_ds.engine.trainer import train
 
-        print(f"[prism-ds] {args.stage} finished: {train(cfg, args.stage, progress, args.overwrite)}")
+        final = train(cfg, args.stage, progress, args.overwrite)
+        from prism_ds.engine.distributed import rank
+
+        if rank() == 0:
+            print(f"[prism-ds] {args.stage} finished: {final}")
     elif args.command == "eval":
         from prism_ds.sudoku.evaluate import evaluate_checkpoint
 

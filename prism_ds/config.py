@@ -22,14 +22,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """DiT backbone size (vocabulary size and length come from the data)."""
+    """The backbone: prism-ds's DiT (sizes below; vocabulary and length come from the data), or a
+    pretrained Hugging Face folder (`kind: llada`, or `hf` for any MDM with its own remote code)."""
 
+    kind: str = "dit"  # dit | llada | hf
     hidden: int = 128
     n_blocks: int = 4
     n_heads: int = 4
     cond_dim: int = 64
     mlp_ratio: int = 4
     dropout: float = 0.0
+    path: str = ""  # llada / hf: the pretrained folder (config.json, safetensors shards, tokenizer files)
+    dtype: str = "auto"  # llada / hf: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    attention: str = "sdpa"  # llada: sdpa | flash (flash-attn on GPU for unpadded batches, else SDPA)
+    gradient_checkpointing: bool = False  # llada / hf: recompute each block in backward
+    trust_remote_code: bool = False  # hf: run the folder's own modeling code
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA adapters on the backbone (r = 0: none); the base weights stay frozen."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
 
 
 @dataclass
@@ -57,6 +74,7 @@ class PrismConfig:
     nucleus_p: float = 1.0
     temperature: float = 1.0  # 0 fills y with argmax tokens
     lam: float = 5.0
+    y_window: int = 0  # > 0: y positions only among the first y_window maskable positions (LLaDA run: 512)
 
 
 @dataclass
@@ -106,6 +124,7 @@ class TextDataConfig:
     """Prompt/solution pairs streamed through HF datasets (LLaDA-style SFT); prompts are never masked."""
 
     source: str = ""  # local JSONL/parquet file(s): a path, a glob, or comma-separated; or a hub dataset name
+    subset: str = ""  # hub dataset configuration name (e.g. educational_instruct)
     split: str = "train"
     prompt_field: str = "prompt"
     solution_field: str = "solution"
@@ -146,6 +165,7 @@ class RunConfig:
     run_dir: str = "runs/sudoku"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     quality_head: QualityHeadConfig = field(default_factory=QualityHeadConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     prism: PrismConfig = field(default_factory=PrismConfig)

@@ -17,3 +17,11 @@ def tiny_run(tmp_path_factory):
     pre = train(cfg, "pretrain", progress=False)
     fine = train(cfg, "finetune", progress=False)
     return cfg, pre, fine
+
+
+@pytest.fixture(scope="session")
+def tiny_llada(tmp_path_factory):
+    """Path of a tiny random LLaDA folder (data pairs in its parent's data/)."""
+    from helpers import tiny_llada_folder
+
+    return tiny_llada_folder(tmp_path_factory.mktemp("tiny_llada"))

@@ -13,6 +13,8 @@ from pathlib import Path
 from prism_ds.config import TextDataConfig
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LLADA_REFERENCE = SHARED / "reference" / "llada-8b-instruct"  # the official folder's small files
 
 
 def tiny_overrides(run_dir, **extra) -> list[str]:
@@ -25,6 +27,15 @@ def tiny_overrides(run_dir, **extra) -> list[str]:
               "sampler.batch_size": 40}
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def tiny_llada_folder(directory) -> Path:
+    """A tiny random LLaDA folder in the official layout (config, sharded safetensors, tokenizer) plus code pairs
+    in directory/data, written by the same code as `prism-ds make-tiny-llada`; returns the model folder."""
+    from prism_ds.models.tiny_llada import write_code_pairs, write_tiny_llada
+
+    write_code_pairs(Path(directory) / "data")
+    return write_tiny_llada(Path(directory) / "model")
 
 
 def subprocess_env() -> dict:

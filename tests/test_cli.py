@@ -99,9 +99,7 @@ def test_flags_and_overrides_mix_in_any_order():
         parse_args(["gen-sudoku", "--count", "1", "--out", "x.csv", "seed=3"])  # no overrides here
 
 
-def test_train_on_a_finished_stage_reuses_it_refuses_a_changed_config_and_overwrite_starts_over(tiny_run, capsys):
-    from prism_ds.engine.checkpoint import read_meta
-
+def test_train_on_a_finished_stage_reuses_it_and_refuses_a_changed_config(tiny_run, capsys):
     cfg, pre, _ = tiny_run
     args = ["train", "--stage", "pretrain", "--no-progress", *tiny_overrides(cfg.run_dir)]
     before = (pre / "backbone.safetensors").read_bytes()

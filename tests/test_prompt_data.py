@@ -55,7 +55,7 @@ def test_layout_eos_padding(tok_dirs, tmp_path):
     assert b.fixed.tolist() == [[True] * 7 + [False] * 5]
     assert b.answer_len.tolist() == [5] and b.answer_len.dtype == torch.long  # 5, EOS and 3 EOS pads
     assert (b.pad_tokens, b.tokens) == (3, 12)
-    assert s.stats == {"samples": 1, "truncated": 0, "dropped": 0, "pad_tokens": 3, "tokens": 12}
+    assert s.stats == {"samples": 1, "truncated": 0, "truncated_tokens": 0, "dropped": 0, "pad_tokens": 3, "tokens": 12}
     # A custom plain template wraps the prompt.
     b = next(iter(stream(text_config(src, tok_dirs[0], max_length=12, template="question : {prompt}"))))
     assert b.x[0, :4].tolist() == ids(BOS, "question", ":", "what")
@@ -96,8 +96,10 @@ def test_overlong_truncate_and_drop(tok_dirs, tmp_path):
     assert (b1.answer_len.tolist(), b1.pad_tokens) == ([4], 0)
     assert b2.x[0, :6].tolist() == ids(BOS, "what", "is", "2", "2", EOS)
     assert (s.stats["truncated"], s.stats["dropped"], s.stats["samples"]) == (1, 0, 2)
-    next(iter(s))  # the next epoch starts: row 3 (prompt too long even to truncate) is dropped
-    assert (s.stats["truncated"], s.stats["dropped"], s.stats["samples"]) == (2, 1, 3)
+    assert s.stats["truncated_tokens"] == 11 - 8
+    with pytest.raises(ValueError, match=r"o.jsonl, line 3: the prompt alone is 9 tokens, not shorter than "
+                                         r"text.max_length=8; .* text.overlong=drop"):
+        next(iter(s))  # row 3's prompt is too long even to truncate: truncation cannot keep any answer
     s = stream(text_config(src, tok_dirs[0], max_length=8, overlong="drop"))
     b = next(iter(s))
     assert b.x[0, :6].tolist() == ids(BOS, "what", "is", "2", "2", EOS)

@@ -39,7 +39,10 @@ def compute_losses(model, x: torch.Tensor, fixed: torch.Tensor, mask_id: int, mo
     mdm = mdm_loss(out_z.logits, x, batch.masked, batch.t, norm)
     if mode == "pretrain":
         return StepLosses(total=mdm, mdm=mdm, tokens=x.numel())
-    yb = build_y(x, batch.z, batch.masked, out_z.logits, k=prism_cfg.k, n_y=prism_cfg.n_y,
+    candidates = batch.masked
+    if prism_cfg.y_window > 0:  # y only among the first y_window maskable positions (the paper's LLaDA run: 512)
+        candidates = candidates & ((~fixed).cumsum(1) <= prism_cfg.y_window)
+    yb = build_y(x, batch.z, candidates, out_z.logits, k=prism_cfg.k, n_y=prism_cfg.n_y,
                  positions=prism_cfg.y_positions, top_p=prism_cfg.nucleus_p, temperature=prism_cfg.temperature,
                  generator=generator, mask_id=mask_id, allowed_tokens=allowed_tokens)
     quality = model(yb.y, need_logits=False, need_quality=True).quality

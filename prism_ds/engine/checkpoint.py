@@ -1,11 +1,12 @@
-"""Model exports: the trainable weights of a stage as safetensors, loadable without DeepSpeed.
+"""Model exports: the trained weights of a stage, loadable without DeepSpeed; and `load_model`.
 
 Layout of an export directory (e.g. <run_dir>/finetune/final):
-    backbone.safetensors       f_theta, only when the stage trained it (pretraining, unfrozen fine-tuning)
+    backbone.safetensors       f_theta, only when the stage trained all of it (pretraining, unfrozen fine-tuning)
+    adapter/                   LoRA adapters in peft's own format (adapter_config.json, adapter_model.safetensors)
     quality_head.safetensors   g_theta's head (absent for a pretrained MDM)
     config.yaml                the resolved RunConfig that built the model
-    meta.json                  stage, step, vocab size, parameter counts and, when the backbone was
-                               frozen, `base_backbone`: the export its weights come from
+    meta.json                  stage, step, vocab size, parameter counts and `base_backbone`: where the
+                               untrained backbone weights come from (a DiT export or a Hugging Face folder)
 A frozen backbone is never written again: an 8B base would cost 16 GB per export for no new
 information. Exports are gathered from ZeRO-3 partitions one tensor at a time (rank 0 keeps the
 copy), written under a temporary name and renamed, so an interrupted export never replaces a complete one.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,12 +25,15 @@ from safetensors.torch import save_file
 from prism_ds.config import RunConfig, load_config, save_config
 
 
-def _gathered_state(module: torch.nn.Module, is_writer: bool) -> dict[str, torch.Tensor]:
+def _gathered_state(module: torch.nn.Module, is_writer: bool, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """State dict of `module` on the writer (empty elsewhere), gathering ZeRO-3 partitions one tensor at a time."""
     import deepspeed
 
     out = {}
-    for name, tensor in module.state_dict(keep_vars=True).items():
+    items = (module.named_parameters() if trainable_only else module.state_dict(keep_vars=True).items())
+    for name, tensor in items:
+        if trainable_only and not tensor.requires_grad:
+            continue
         # keep_vars gives the Parameter objects, whose data is the full tensor inside the gather.
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=hasattr(tensor, "ds_id")):
             if is_writer:
@@ -37,30 +42,43 @@ def _gathered_state(module: torch.nn.Module, is_writer: bool) -> dict[str, torch
 
 
 def export_trainable(model: torch.nn.Module, cfg: RunConfig, path: str | Path, meta: dict, is_writer: bool,
-                     base_backbone: str | Path | None = None) -> Path:
+                     base_backbone: str | Path | None = None, backbone_trained: bool | None = None) -> Path:
     """Export the trained parts of a PrismModel to `path`; every rank must call it under ZeRO-3.
 
-    base_backbone: for a frozen backbone, the export its weights come from (they are not written again).
-    Weights are saved in fp32 (bf16 training weights are upcast).
+    base_backbone: where the backbone's starting weights live (a DiT export or a Hugging Face folder);
+    backbone_trained: write the whole backbone (default: when there is no base). LoRA adapters are
+    written in peft's format instead. Weights are saved in fp32 (bf16 training weights are upcast).
     """
+    if backbone_trained is None:
+        backbone_trained = base_backbone is None
     path = Path(path)
-    backbone = _gathered_state(model.backbone, is_writer) if base_backbone is None else None
+    peft_model = getattr(model.backbone, "model", None) if _has_lora(model) else None
+    adapter = _gathered_state(peft_model, is_writer, trainable_only=True) if peft_model is not None else None
+    backbone = _gathered_state(model.backbone, is_writer) if backbone_trained and adapter is None else None
     head = _gathered_state(model.quality_head, is_writer) if model.quality_head is not None else None
     if base_backbone is not None:
         meta = {**meta, "base_backbone": str(Path(base_backbone).resolve())}
     if is_writer:
-        _write(path, backbone, head, cfg, meta)
+        _write(path, backbone, head, cfg, meta, (peft_model, adapter) if adapter is not None else None)
     if torch.distributed.is_initialized():  # no rank reads the export before it is complete
         torch.distributed.barrier()
     return path
 
 
-def _write(path: Path, backbone: dict | None, head: dict | None, cfg: RunConfig, meta: dict) -> None:
+def _has_lora(model: torch.nn.Module) -> bool:
+    return hasattr(getattr(model.backbone, "model", None), "peft_config")
+
+
+def _write(path: Path, backbone: dict | None, head: dict | None, cfg: RunConfig, meta: dict,
+           adapter: tuple | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if backbone is not None:
         save_file(backbone, str(tmp / "backbone.safetensors"))
+    if adapter is not None:  # peft's own format, from the gathered tensors (peft keeps only the lora_ ones)
+        peft_model, state = adapter
+        peft_model.save_pretrained(str(tmp / "adapter"), state_dict=state, safe_serialization=True)
     if head is not None:
         save_file(head, str(tmp / "quality_head.safetensors"))
     save_config(cfg, tmp / "config.yaml")
@@ -82,7 +100,7 @@ def read_meta(path: str | Path) -> dict:
 
 
 def backbone_file(path: str | Path) -> Path:
-    """The backbone weights an export uses: its own, or those of its base when the backbone was frozen."""
+    """The DiT backbone weights an export uses: its own, or those of its base when the backbone was frozen."""
     path = Path(path)
     own = path / "backbone.safetensors"
     if own.exists():
@@ -136,16 +154,45 @@ def load_quality_head(model: torch.nn.Module, path: str | Path) -> None:
     _load_into(model.quality_head, file)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu"):
-    """Rebuild a PrismModel (with its head when saved) from an export directory, without DeepSpeed."""
-    from prism_ds.models.prism_model import build_model
+def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapter: bool = False,
+               trust_remote_code: bool = False):
+    """(PrismModel in eval mode, RunConfig) from a prism-ds export or a pretrained Hugging Face folder.
+
+    An export (meta.json) is rebuilt with its head, LoRA adapter and trained weights; a pretrained folder
+    (config.json: LLaDA, or any MDM with trust_remote_code) gives the bare backbone. merge_adapter folds
+    LoRA into the base weights for faster sampling (logits then match up to rounding).
+    """
+    from prism_ds.config import RunConfig
+    from prism_ds.models.loading import load_pretrained, read_config_json
+    from prism_ds.models.backbone import HFBackbone
+    from prism_ds.models.prism_model import PrismModel, build_model
 
     path = Path(path)
+    if not (path / "meta.json").exists():
+        kind = "llada" if read_config_json(path).get("model_type") == "llada" else "hf"
+        cfg = RunConfig(task="text")
+        cfg.model.kind, cfg.model.path, cfg.model.trust_remote_code = kind, str(path), trust_remote_code
+        return PrismModel(HFBackbone(load_pretrained(cfg.model))).to(device).eval(), cfg
     meta = read_meta(path)
     cfg = load_config(str(path / "config.yaml"))
     has_head = (path / "quality_head.safetensors").exists()
-    model = build_model(cfg.model, cfg.quality_head, meta["vocab_size"], with_head=has_head)
-    load_backbone(model, path)
+    if cfg.model.kind == "dit":
+        model = build_model(cfg.model, cfg.quality_head, meta["vocab_size"], with_head=has_head)
+        load_backbone(model, path)
+    else:
+        base = load_pretrained(replace(cfg.model, path=meta.get("base_backbone", cfg.model.path)))
+        if (path / "adapter").exists():
+            from peft import PeftModel
+
+            base = PeftModel.from_pretrained(base, str(path / "adapter"))
+            base = base.merge_and_unload() if merge_adapter else base
+        from prism_ds.models.loading import hidden_size
+        from prism_ds.models.quality_heads import build_quality_head
+
+        head = build_quality_head(cfg.quality_head.kind, hidden_size(base.config), None) if has_head else None
+        model = PrismModel(HFBackbone(base), head.to(next(base.parameters()).dtype) if head is not None else None)
+        if (path / "backbone.safetensors").exists():
+            _load_into(model.backbone, path / "backbone.safetensors")
     if has_head:
         load_quality_head(model, path)
     return model.to(device).eval(), cfg

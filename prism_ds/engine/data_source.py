@@ -82,8 +82,8 @@ class TextBatches:
         return _text_batch(next(self._iter))
 
     def counters(self) -> dict[str, int]:
-        """Over-long samples so far on this rank (truncated or dropped, by text.overlong)."""
-        return {"truncated": self.stream.stats["truncated"], "dropped": self.stream.stats["dropped"]}
+        """Over-long samples so far on this rank (truncated or dropped, by text.overlong) and the tokens cut."""
+        return {k: self.stream.stats[k] for k in ("truncated", "truncated_tokens", "dropped")}
 
     def state_dict(self) -> dict:
         """The stream's exact position."""
@@ -136,16 +136,30 @@ def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int
 
     from prism_ds.text.prompt_data import PromptSolutionStream, load_tokenizer, special_ids
 
-    tokenizer = load_tokenizer(cfg.text)
-    vocab_size, mask_id, _ = special_ids(tokenizer)
-    stream = PromptSolutionStream(cfg.text, tokenizer, micro_batch_size, rank=rank, world_size=world_size)
+    text = cfg.text
+    if cfg.model.kind != "dit" and not text.tokenizer:  # a model folder carries its own tokenizer
+        text = replace(text, tokenizer=cfg.model.path)
+    tokenizer = load_tokenizer(text)
+    allowed = None
+    if cfg.model.kind == "dit":
+        vocab_size, mask_id, _ = special_ids(tokenizer)
+    else:
+        from prism_ds.models.loading import mask_token_id, vocab_size as model_vocab
+
+        vocab_size, mask_id = model_vocab(cfg.model.path), mask_token_id(cfg.model.path, tokenizer)
+        if len(tokenizer) > vocab_size:
+            raise ConfigError(f"text.tokenizer: {len(tokenizer)} tokens, but the model in {cfg.model.path} has only "
+                              f"{vocab_size} embedding rows (config.json): tokenizer and checkpoint do not match")
+        # LLaDA pads its embedding (126464 rows, 126349 tokens): rows past the tokenizer are never proposed.
+        allowed = torch.arange(vocab_size) < len(tokenizer)
+    stream = PromptSolutionStream(text, tokenizer, micro_batch_size, rank=rank, world_size=world_size)
     heldout = None
-    if cfg.text.heldout_source:
-        held = PromptSolutionStream(replace(cfg.text, source=cfg.text.heldout_source, shuffle_buffer=0),
+    if text.heldout_source:
+        held = PromptSolutionStream(replace(text, source=text.heldout_source, shuffle_buffer=0),
                                     tokenizer, micro_batch_size)
         heldout = _text_batch(held.head(HELDOUT_SAMPLES))
     # Rows whose answer has fewer than prism.k masked tokens fill all of them (build_y).
-    return Task(TextBatches(stream), heldout, vocab_size, mask_id, cfg.text.max_length, cfg.text.max_length - 1)
+    return Task(TextBatches(stream), heldout, vocab_size, mask_id, text.max_length, text.max_length - 1, allowed)
 
 
 def build_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int, progress: bool = True) -> Task:

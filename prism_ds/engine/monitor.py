@@ -1,7 +1,7 @@
 """TensorBoard monitoring of a training stage (rank 0 writes; every rank contributes its losses).
 
 Scalars: loss/{total,mdm,prism} averaged over the window and over ranks, lr/<group>, grad_norm,
-throughput/{tokens_per_s,samples_per_s}, data/padding_fraction, data/{truncated,dropped} (over-long text
+throughput/{tokens_per_s,samples_per_s}, data/padding_fraction, data/{truncated,truncated_tokens,dropped} (over-long text
 samples so far, all ranks), throughput/mfu (GPU only), and quality/{auroc,frac_correct} of the head on
 the training batches. Held-out calibration adds
 calibration/{ece,auroc} and the calibration/reliability figure (engine/plots.py).
@@ -22,6 +22,13 @@ from prism_ds.engine.distributed import device as dist_device
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
+def train_flops_per_token(n_params: int, n_trainable: int, backbone_trains: bool) -> float:
+    """Matmul FLOPs per token of a training pass: 2N forward, 2N for activation gradients when any backbone
+    weight trains (LoRA included: the gradient crosses every layer), 2 N_trainable for weight gradients.
+    Frozen weights get no weight gradients; a head-only run backpropagates through the head alone."""
+    return 2 * n_params + (2 * n_params if backbone_trains else 0) + 2 * n_trainable
+
+
 def _peak_flops(override_tflops: float) -> float | None:
     if override_tflops > 0:
         return override_tflops * 1e12
@@ -35,7 +42,8 @@ class Monitor:
     """Accumulates micro-step results on device and writes window means every `log_every` steps."""
 
     def __init__(self, log_dir: Path | None, log_every: int, n_ranks: int, n_params: int, peak_tflops: float = 0.0,
-                 config_text: str = "", purge_step: int | None = None, n_trainable: int | None = None):
+                 config_text: str = "", purge_step: int | None = None, n_trainable: int | None = None,
+                 backbone_trains: bool = True):
         self.writer = None
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -47,6 +55,7 @@ class Monitor:
                 self.writer.add_text("config", f"```\n{config_text}\n```")
         self.log_every, self.n_ranks, self.n_params = log_every, n_ranks, n_params
         self.n_trainable = n_params if n_trainable is None else n_trainable
+        self.backbone_trains = backbone_trains
         self.peak_flops = _peak_flops(peak_tflops)
         self._reset(time.time())
 
@@ -109,8 +118,8 @@ class Monitor:
         scalars |= {f"data/{name}": v for name, v in zip(counters, packed[3:].tolist())}
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
-        if self.peak_flops:  # per token: 2 N forward + 4 N_trainable backward (a frozen backbone adds no backward)
-            flops = (2 * self.n_params + 4 * self.n_trainable) * tokens
+        if self.peak_flops:  # tokens counts both passes of a PRISM step
+            flops = train_flops_per_token(self.n_params, self.n_trainable, self.backbone_trains) * tokens
             scalars["throughput/mfu"] = flops / elapsed / (self.peak_flops * self.n_ranks)
         if self.quality:
             q, y = torch.cat(self.quality), torch.cat(self.labels)

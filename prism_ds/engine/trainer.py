@@ -43,6 +43,13 @@ def _check_stage(cfg: RunConfig, stage: str) -> None:
                           "(fine-tuning reads finetune.init_from)")
     if stage == "pretrain" and s.freeze_backbone:
         raise ConfigError("pretrain.freeze_backbone=true leaves nothing to train")
+    if cfg.model.kind not in ("dit", "llada", "hf"):
+        raise ConfigError(f"model.kind={cfg.model.kind!r}: expected dit, llada or hf")
+    if cfg.model.kind != "dit" and (s.init_from or cfg.task != "text"):
+        raise ConfigError(f"model.kind={cfg.model.kind} starts from model.path and trains on task=text "
+                          f"({stage}.init_from and task=sudoku are for the DiT)")
+    if cfg.lora.r > 0 and cfg.model.kind == "dit":
+        raise ConfigError("lora.r > 0 needs a pretrained Hugging Face backbone (model.kind=llada or hf)")
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every", "calib_every", "keep_last"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{stage}.{key}={getattr(s, key)} must be >= 1")
@@ -97,6 +104,10 @@ def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.
 
     s = getattr(cfg, stage)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    if cfg.model.kind != "dit":  # a pretrained folder: its weights are the starting point of either stage
+        from prism_ds.models.loading import build_pretrained_model
+
+        return build_pretrained_model(cfg, stage == "finetune", not s.freeze_backbone, ds_config)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
         model = build_model(cfg.model, cfg.quality_head, task.vocab_size, with_head=stage == "finetune")
@@ -206,7 +217,8 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
     monitor = Monitor(out_dir / "tb" if rank == 0 else None, s.log_every, n_ranks, n_params, s.peak_tflops,
-                      str(to_dict(cfg)), purge_step=start + 1 if start else None, n_trainable=n_trainable)
+                      str(to_dict(cfg)), purge_step=start + 1 if start else None, n_trainable=n_trainable,
+                      backbone_trains=any(p.requires_grad for p in engine.module.backbone.parameters()))
     if state is not None:
         monitor.load_state_dict(state["monitor"])
     heldout = task.heldout.to(device) if (task.heldout is not None and mode == "prism") else None
@@ -255,8 +267,12 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
                 monitor.close()
                 raise KeyboardInterrupt(f"{stage} interrupted at step {step}; checkpoint saved to {ckpt_dir}; "
                                         f"run the same command again to resume")
-    base = (s.init_from or stage_dir(cfg, "pretrain") / "final") if s.freeze_backbone else None
+    if cfg.model.kind == "dit":
+        base = (s.init_from or stage_dir(cfg, "pretrain") / "final") if s.freeze_backbone else None
+    else:  # a pretrained folder is the base; only adapters (or a fully trained backbone) are written
+        base = cfg.model.path
     final = export_trainable(ema.module if ema is not None else engine.module, cfg, out_dir / "final",
-                             {**meta, "step": step}, rank == 0, base_backbone=base)
+                             {**meta, "step": step}, rank == 0, base_backbone=base,
+                             backbone_trained=not s.freeze_backbone and cfg.lora.r == 0)
     monitor.close()
     return final

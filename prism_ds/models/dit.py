@@ -5,20 +5,11 @@ so the adaLN conditioning vector is a learned constant rather than a timestep em
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class BackboneOutput:
-    """What a backbone hands to the unmasking head and to any quality head."""
-
-    logits: torch.Tensor | None  # [B, L, V]; None when the caller asked for hidden states only
-    last_hidden: torch.Tensor  # [B, L, H] output of the last block, before the final norm
-    cond: torch.Tensor  # [B, C] adaLN conditioning vector (constant here)
+from prism_ds.models.backbone import BackboneOutput
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +113,14 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden, n_heads, cond_dim, mlp_ratio, dropout) for _ in range(n_blocks))
         self.output_layer = AdaLNFinalLayer(hidden, cond_dim, vocab_size)
 
-    def forward(self, tokens: torch.Tensor, need_logits: bool = True) -> BackboneOutput:
-        """Run the backbone; skip the vocabulary projection when only the quality head is needed."""
+    def forward(self, tokens: torch.Tensor, need_logits: bool = True,
+                attention_mask: torch.Tensor | None = None) -> BackboneOutput:
+        """Run the backbone; skip the vocabulary projection when only the quality head is needed.
+
+        Sequences are fixed-length (boards, packed text), so there is no padding mask to honour.
+        """
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("the DiT backbone takes no padding mask (its sequences are fixed-length)")
         x = self.embed(tokens)
         cond = self.cond(tokens.shape[0]).to(x.dtype)
         rope = self.rotary(tokens.shape[1], x.device, x.dtype)

@@ -5,17 +5,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from transformers.utils import ModelOutput
 
 from prism_ds.models.dit import DiT
 from prism_ds.models.quality_heads import QualityHead, build_quality_head
 
 
 @dataclass
-class PrismOutput:
+class PrismOutput(ModelOutput):
     """Unmasking logits [B, L, V] (or None) and quality logits [B, L] (or None without a head)."""
 
-    logits: torch.Tensor | None
-    quality: torch.Tensor | None
+    logits: torch.Tensor | None = None
+    quality: torch.Tensor | None = None
 
 
 class PrismModel(nn.Module):
@@ -26,15 +27,20 @@ class PrismModel(nn.Module):
         self.backbone = backbone
         self.quality_head = quality_head
 
-    def forward(self, tokens: torch.Tensor, need_logits: bool = True, need_quality: bool = True) -> PrismOutput:
-        """One backbone pass; the vocabulary projection is skipped when logits are not needed."""
-        out = self.backbone(tokens, need_logits=need_logits)
+    def forward(self, tokens: torch.Tensor, need_logits: bool = True, need_quality: bool = True,
+                attention_mask: torch.Tensor | None = None) -> PrismOutput:
+        """One backbone pass; the vocabulary projection is skipped when logits are not needed.
+
+        attention_mask [B, L] (1 = real token) for batches of left-padded prompts; None attends everywhere.
+        """
+        out = self.backbone(tokens, need_logits=need_logits, attention_mask=attention_mask)
         quality = self.quality_head(out) if (need_quality and self.quality_head is not None) else None
         return PrismOutput(logits=out.logits, quality=quality)
 
 
 def build_model(model_cfg, head_cfg, vocab_size: int, with_head: bool) -> PrismModel:
-    """Build the DiT backbone (and the configured quality head when with_head)."""
+    """Build the DiT backbone (and the configured quality head when with_head); pretrained Hugging Face
+    backbones are built by prism_ds.models.loading.build_pretrained_model."""
     backbone = DiT(vocab_size=vocab_size, hidden=model_cfg.hidden, n_blocks=model_cfg.n_blocks,
                    n_heads=model_cfg.n_heads, cond_dim=model_cfg.cond_dim, mlp_ratio=model_cfg.mlp_ratio,
                    dropout=model_cfg.dropout)

@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from prism_ds.models.dit import AdaLNFinalLayer, BackboneOutput
+from prism_ds.models.backbone import BackboneOutput
+from prism_ds.models.dit import AdaLNFinalLayer
 
 
 class QualityHead(nn.Module):
@@ -23,18 +24,35 @@ class QualityHead(nn.Module):
 class LinearQualityHead(QualityHead):
     """The paper's Sudoku head: adaLN final layer with a zero-init Linear(hidden -> 1) on the last block."""
 
-    def __init__(self, hidden: int, cond_dim: int):
+    def __init__(self, hidden: int, cond_dim: int | None):
         super().__init__()
+        if cond_dim is None:
+            raise ValueError("quality_head.kind='linear' is the DiT's adaLN head; backbones without adaLN "
+                             "conditioning (LLaDA) use 'projection+linear'")
         self.final = AdaLNFinalLayer(hidden, cond_dim, 1)
 
     def forward(self, out: BackboneOutput) -> torch.Tensor:
         return self.final(out.last_hidden, out.cond).squeeze(-1)
 
 
-HEADS: dict[str, Callable[..., QualityHead]] = {"linear": LinearQualityHead}
+class ProjectionLinearHead(QualityHead):
+    """The paper's LLaDA head: LayerNorm -> Linear(d, d) -> GELU -> Linear(d, 1) on the final post-norm hidden
+    state (~16.8M parameters at d = 4096). The last Linear starts at zero, so every token starts at g = 0.5."""
+
+    def __init__(self, hidden: int, cond_dim: int | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, out: BackboneOutput) -> torch.Tensor:
+        return self.net(out.last_hidden).squeeze(-1)
 
 
-def build_quality_head(kind: str, hidden: int, cond_dim: int) -> QualityHead:
+HEADS: dict[str, Callable[..., QualityHead]] = {"linear": LinearQualityHead, "projection+linear": ProjectionLinearHead}
+
+
+def build_quality_head(kind: str, hidden: int, cond_dim: int | None) -> QualityHead:
     """Instantiate the quality head named by `quality_head.kind`."""
     if kind not in HEADS:
         raise ValueError(f"quality_head.kind={kind!r} is unknown; available: {sorted(HEADS)}")

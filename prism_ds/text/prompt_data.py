@@ -169,7 +169,7 @@ class PromptSolutionStream:
             for path in self.files:
                 check_utf8(path)
         self._dataset = self._build_dataset()
-        self.stats = {"samples": 0, "truncated": 0, "dropped": 0, "pad_tokens": 0, "tokens": 0}
+        self.stats = {"samples": 0, "truncated": 0, "truncated_tokens": 0, "dropped": 0, "pad_tokens": 0, "tokens": 0}
         # Position: epoch, raw rows consumed in it, HF's iterator state (no-shuffle case), pool leftovers.
         self._epoch, self._consumed, self._hf_state, self._live = 0, 0, None, False
         self._pending: list[list[tuple[list[int], list[int]]]] = []
@@ -190,7 +190,7 @@ class PromptSolutionStream:
             if self.builder:
                 ds = load_dataset(self.builder, data_files={cfg.split: self.files}, split=cfg.split, streaming=True)
             else:
-                ds = load_dataset(self.files[0], split=cfg.split, streaming=True)
+                ds = load_dataset(self.files[0], cfg.subset or None, split=cfg.split, streaming=True)
         except (FileNotFoundError, ConnectionError) as e:
             raise ConfigError(f"text.source: cannot open {cfg.source!r} (split {cfg.split!r}): {e}") from e
         except Exception as e:  # the json builder reads rows to infer features: bad JSON can fail here
@@ -247,10 +247,15 @@ class PromptSolutionStream:
                 prompt = [tok.bos_token_id] + prompt
         answer = tok(solution, add_special_tokens=False)["input_ids"] + [self.eos_id]
         if len(prompt) + len(answer) > L:
-            if self.cfg.overlong == "drop" or len(prompt) >= L:
+            if self.cfg.overlong == "truncate" and len(prompt) >= L:  # no answer token would be left to train on
+                raise ValueError(f"{self._where(row)}: the prompt alone is {len(prompt)} tokens, not shorter than "
+                                 f"text.max_length={L}; raise text.max_length, or set text.overlong=drop to skip "
+                                 f"such rows")
+            if self.cfg.overlong == "drop":
                 self.stats["dropped"] += 1
                 return None
             self.stats["truncated"] += 1
+            self.stats["truncated_tokens"] += len(prompt) + len(answer) - L
             answer = answer[:L - len(prompt)]  # cut answer (it then has no EOS: the text goes on)
         self.stats["samples"] += 1
         return list(prompt), answer
@@ -265,6 +270,14 @@ class PromptSolutionStream:
                     return f"{where}: {e}"
         return (f"{self.cfg.source}, example {self._consumed} of rank {self.rank}'s shard "
                 f"(epoch {self._epoch}): {err}")
+
+    def _where(self, row: dict) -> str:
+        """'file, line N' of a local row (searched on error only), else its position in the stream."""
+        if self.builder:
+            for where, candidate in _local_rows(self.builder, self.files):
+                if candidate == row:
+                    return where
+        return f"{self.cfg.source}, example {self._consumed} of rank {self.rank}'s shard (epoch {self._epoch})"
 
     def _read_error(self, exc: Exception) -> ValueError:
         """A reader failure as a ValueError naming the bad file:line when it can be found."""

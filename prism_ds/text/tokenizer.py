@@ -12,6 +12,8 @@ def load_tokenizer(cfg: TextDataConfig):
     """`AutoTokenizer.from_pretrained(cfg.tokenizer)`, with errors that name `text.tokenizer`."""
     from transformers import AutoTokenizer
 
+    import prism_ds.models.llada  # noqa: F401 - registers model_type "llada", whose config AutoTokenizer reads
+
     name = cfg.tokenizer.strip()
     if not name:
         raise ConfigError("text.tokenizer: empty; set it to a tokenizer directory (or a hub name when online)")

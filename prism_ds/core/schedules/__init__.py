@@ -1,0 +1,62 @@
+"""Unmask schedules: per step, where the sampler may act and how many tokens it unmasks and remasks.
+
+A schedule answers one question per step, so new samplers are new schedules plugged into the same
+loop, not new loops:
+  EvenSchedule       (even.py) Algorithms 2 and 3: unmasking spread evenly over all steps (Sudoku, OWT)
+  BlockwiseSchedule  (blockwise.py) LLaDA's semi-autoregressive blocks with K_block remasks per block
+*Which* tokens are remasked is the policy's business (core/remask.py); *how many* is the schedule's:
+  fixed      K per step (Algorithm 3), or K_block per block (blockwise)
+  binomial   K ~ Binomial(#clean, sigma_t), sigma_t = min(eta, sigma_max) (ReMDM-cap; Algorithm 2 when capped)
+  per-token  every clean token independently, at total rate sigma_t = sigma_max (the published ReMDM-conf)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+REMASK_COUNTS = ("fixed", "binomial", "per-token")
+
+
+@dataclass
+class StepPlan:
+    """Where tokens may change this step and how many to unmask / remask per row.
+
+    The sampler unmasks `unmask` + (number actually remasked) tokens, so remasking never slows the
+    sequence down. Exactly one of remask_count / remask_rate is set.
+    """
+
+    window: torch.Tensor  # [B, L] bool: positions the step may unmask or remask
+    unmask: torch.Tensor  # [B] long: base unmask count
+    remask_count: torch.Tensor | None = None  # [B] long: remask exactly this many (fewer if fewer are clean)
+    remask_rate: torch.Tensor | None = None  # [B] float: per-token draws at this total rate
+    window_closes: bool = False  # the last step of a window (a block): everything in it is filled after this step
+
+
+class Schedule:
+    """Base class: plan(step, num_steps, masked, clean, target, remasking, generator) -> StepPlan."""
+
+    def plan(self, step: int, num_steps: int, masked: torch.Tensor, clean: torch.Tensor, target: torch.Tensor,
+             remasking: bool, generator: torch.Generator | None = None) -> StepPlan:
+        """masked / clean: [B, L] bool non-fixed positions that are masked / filled; target: [B] positions to
+        generate in total; remasking: False for vanilla sampling, where nothing is remasked."""
+        raise NotImplementedError
+
+
+def sigma_max(step: int, num_steps: int) -> float:
+    """ReMDM's largest remask probability min(1, (1 - alpha_s) / alpha_t) on the even grid alpha = step / N."""
+    alpha_t, alpha_s = step / num_steps, (step + 1) / num_steps
+    return 1.0 if alpha_t == 0 else min(1.0, (1 - alpha_s) / alpha_t)
+
+
+def unmask_scores(order: str, token_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Priority of each masked position for unmasking: "random" order or "confidence" (highest p first)."""
+    if order == "random":
+        return torch.rand(token_probs.shape, generator=generator, device=token_probs.device, dtype=torch.float64)
+    if order == "confidence":
+        return token_probs
+    raise ValueError(f"sampler.unmask_order={order!r}: expected 'random' or 'confidence'")
+
+
+from prism_ds.core.schedules.blockwise import BlockwiseSchedule  # noqa: E402
+from prism_ds.core.schedules.even import EvenSchedule  # noqa: E402

@@ -1,0 +1,60 @@
+"""The one backbone interface: token ids in, unmasking logits and the hidden state heads read out.
+
+    backbone(tokens, need_logits=True, attention_mask=None) -> BackboneOutput
+
+prism-ds's DiT implements it directly. `HFBackbone` adapts any Hugging Face masked diffusion model:
+prism-ds's LLaDA (which can skip the vocabulary projection when only the quality head is needed),
+or any other model that returns `logits` and `hidden_states` (e.g. loaded with trust_remote_code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class BackboneOutput(ModelOutput):
+    """What a backbone hands to the unmasking head's consumers and to any quality head.
+
+    A transformers ModelOutput (a dict) so DeepSpeed ZeRO-3 finds the tensors in it for its backward hooks.
+    """
+
+    logits: torch.Tensor | None = None  # [B, L, V]; None when the caller asked for hidden states only
+    last_hidden: torch.Tensor | None = None  # [B, L, H] what quality heads read (DiT: last block; LLaDA: post-ln_f)
+    cond: torch.Tensor | None = None  # [B, C] adaLN conditioning (DiT); None for models without one
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying transformers model of a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class HFBackbone(nn.Module):
+    """A Hugging Face MDM (optionally wrapped by peft) behind the backbone interface."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        from prism_ds.models.llada import LLaDAModelLM
+
+        self._native = isinstance(unwrap(model), LLaDAModelLM)  # returns last_hidden_state, can skip logits
+
+    @property
+    def config(self):
+        """The wrapped model's transformers config."""
+        return unwrap(self.model).config
+
+    def forward(self, tokens: torch.Tensor, need_logits: bool = True,
+                attention_mask: torch.Tensor | None = None) -> BackboneOutput:
+        """One pass; attention_mask [B, L] (1 = real token) for padded batches."""
+        if self._native:
+            out = self.model(input_ids=tokens, attention_mask=attention_mask, return_logits=need_logits)
+            return BackboneOutput(logits=out.logits, last_hidden=out.last_hidden_state)
+        out = self.model(input_ids=tokens, attention_mask=attention_mask, output_hidden_states=True)
+        if getattr(out, "logits", None) is None or getattr(out, "hidden_states", None) is None:
+            raise TypeError(f"{type(unwrap(self.model)).__name__} must return `logits` and `hidden_states` "
+                            f"(output_hidden_states=True) to serve as a prism-ds backbone")
+        return BackboneOutput(logits=out.logits, last_hidden=out.hidden_states[-1])

@@ -1,0 +1,218 @@
+"""LLaDA (Nie et al. 2025) as a transformers PreTrainedModel, checkpoint-compatible with GSAI-ML/LLaDA-8B-Instruct.
+
+Config fields and state-dict names are those of the official folder (`model.transformer.wte`,
+`model.transformer.blocks.N.{attn_norm,q_proj,k_proj,v_proj,attn_out,ff_norm,ff_proj,up_proj,ff_out}`,
+`model.transformer.ln_f`, `model.transformer.ff_out`), so a downloaded folder loads with
+`from_pretrained` (sharded safetensors, dtype, ZeRO-3) without trust_remote_code, and peft targets
+q_proj / k_proj / v_proj. The architecture follows the facts checked against the official code:
+- RMSNorm in fp32, cast back to the input dtype, then times the weight;
+- RoPE with rotate-half pairing (i with i + head_dim/2), computed and applied in fp32;
+- bidirectional attention, scale 1/sqrt(head_dim), K/V heads repeated for grouped queries;
+- SwiGLU MLP ff_out(silu(ff_proj(h)) * up_proj(h)); no biases, untied output, no logit scaling.
+The official code ignores attention masks (padded positions attend everywhere). Here a padding mask,
+when given, is honoured through SDPA; training on EOS-padded batches passes none (EOS pads are
+answer tokens in LLaDA's SFT recipe), which is then exactly the official computation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+# Official config values this implementation does not cover: loading such a folder is an error.
+_SUPPORTED = {"block_type": ("llama",), "activation_type": ("silu",), "layer_norm_type": ("rms",),
+              "alibi": (False,), "rope": (True,), "weight_tying": (False,), "include_bias": (False,),
+              "include_qkv_bias": (False,), "scale_logits": (False,), "input_emb_norm": (False,),
+              "attention_layer_norm": (False,), "block_group_size": (1,)}
+
+
+class LLaDAConfig(PretrainedConfig):
+    """The official LLaDA config.json fields (unknown extra fields are kept as attributes)."""
+
+    model_type = "llada"
+
+    def __init__(self, d_model: int = 4096, n_heads: int = 32, n_kv_heads: int | None = None, n_layers: int = 32,
+                 mlp_hidden_size: int = 12288, vocab_size: int = 126464, embedding_size: int | None = 126464,
+                 rms_norm_eps: float = 1e-5, rope_theta: float = 500000.0, max_sequence_length: int = 4096,
+                 mask_token_id: int | None = 126336, init_std: float = 0.02, **kwargs):
+        self.d_model, self.n_heads, self.n_layers = d_model, n_heads, n_layers
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.mlp_hidden_size, self.vocab_size, self.embedding_size = mlp_hidden_size, vocab_size, embedding_size
+        self.rms_norm_eps, self.rope_theta, self.max_sequence_length = rms_norm_eps, rope_theta, max_sequence_length
+        self.mask_token_id, self.init_std = mask_token_id, init_std
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and of the output projection (embedding_size, else vocab_size)."""
+        return self.embedding_size or self.vocab_size
+
+    def check_supported(self, where: str = "config.json") -> None:
+        """Raise ValueError naming the first field whose value this implementation does not support."""
+        for key, ok in _SUPPORTED.items():
+            if hasattr(self, key) and getattr(self, key) not in ok:
+                raise ValueError(f"{where}: {key}={getattr(self, key)!r} is not supported (prism-ds LLaDA implements "
+                                 f"{key}={ok[0]!r})")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{where}: d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} "
+                             f"must divide evenly")
+
+
+@dataclass
+class LLaDAOutput(ModelOutput):
+    """logits [B, L, V] (None when skipped) and the final post-ln_f hidden state [B, L, d_model]."""
+
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype, then times the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.to(x.dtype) * self.weight
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [L, head_dim] for positions [L]: frequencies theta^(-2i/hd), duplicated as [f, f]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(positions.float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on [B, H, L, hd] in fp32 (dimension i pairs with i + hd/2); returns x's dtype."""
+    h = x.float()
+    h1, h2 = h.chunk(2, dim=-1)
+    return (h * cos + torch.cat((-h2, h1), dim=-1) * sin).to(x.dtype)
+
+
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+class LLaDABlock(GradientCheckpointingLayer):
+    """One pre-norm block: x + attn_out(attention(attn_norm(x))), then x + SwiGLU(ff_norm(x))."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # the gate
+        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+
+    def attention(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                  use_flash: bool) -> torch.Tensor:
+        B, L, _ = h.shape
+        q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        flash = _flash_attn() if use_flash and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+        if flash is not None:  # [B, L, H, hd] layout; handles grouped K/V heads itself
+            out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
+            return out.reshape(B, L, -1)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)
+        return out.transpose(1, 2).reshape(B, L, -1)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                use_flash: bool = False) -> torch.Tensor:
+        x = x + self.attn_out(self.attention(self.attn_norm(x), rope, mask, use_flash))
+        m = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+
+
+class LLaDAModel(nn.Module):
+    """Holds `transformer` (wte, blocks, ln_f, ff_out) so parameter names match the official checkpoint."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, cfg.d_model),
+            blocks=nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers)),
+            ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+            ff_out=nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False),
+        ))
+
+
+class LLaDAModelLM(PreTrainedModel):
+    """LLaDA with a forward that returns logits and the post-ln_f hidden state in one pass."""
+
+    config_class = LLaDAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LLaDABlock"]
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        config.check_supported()
+        self.model = LLaDAModel(config)
+        self.use_flash_attention = False  # set by the loader (prism_ds.models.loading) on GPU when asked
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random init for models built from a config (tests, benchmarks): N(0, init_std), norms at 1."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding (wte)."""
+        return self.model.transformer.wte
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                return_logits: bool = True, **kwargs) -> LLaDAOutput:
+        """input_ids [B, L]; attention_mask [B, L] (1 = real token) masks padded keys; None attends everywhere."""
+        t = self.model.transformer
+        x = t.wte(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = rope_tables(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool()[:, None, None, :]  # keys only: padded queries still get (unused) outputs
+        for block in t.blocks:
+            x = block(x, rope, mask, self.use_flash_attention)
+        h = t.ln_f(x)
+        return LLaDAOutput(logits=t.ff_out(h) if return_logits else None, last_hidden_state=h)
+
+
+def register() -> None:
+    """Make AutoConfig / AutoModel resolve model_type "llada" to these classes (no trust_remote_code)."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        AutoConfig.register("llada", LLaDAConfig)
+        AutoModel.register(LLaDAConfig, LLaDAModelLM)
+    except ValueError:  # already registered in this process
+        pass
+
+
+register()
