@@ -4,7 +4,9 @@ Public API (everything else is internal):
     load_config, RunConfig             typed configs from YAML recipes + dotted overrides
     mask_tokens, build_y               the masking process and PRISM y-construction
     mdm_loss, prism_loss               the two loss terms
-    sample, EvenSchedule, POLICIES     the sampler loop, its unmask schedule and remask policies
+    sample, SamplingExtras             the one sampler loop and its LLaDA-style options
+    EvenSchedule, BlockwiseSchedule    unmask schedules (Algorithms 2/3; LLaDA's semi-autoregressive blocks)
+    POLICIES                           remask policies
     build_model, PrismModel            DiT backbone + quality head (PrismModel wraps any backbone)
     LLaDAConfig, LLaDAModelLM          LLaDA, checkpoint-compatible with GSAI-ML/LLaDA-8B-Instruct
     train, load_model                  DeepSpeed training stage; loading exports and pretrained folders
@@ -13,8 +15,8 @@ from prism_ds.config import RunConfig, load_config
 from prism_ds.core.loss import mdm_loss, prism_loss
 from prism_ds.core.masking import mask_tokens
 from prism_ds.core.remask import POLICIES
-from prism_ds.core.sampler import sample
-from prism_ds.core.schedules import EvenSchedule
+from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.schedules import BlockwiseSchedule, EvenSchedule
 from prism_ds.core.y_construction import build_y
 from prism_ds.engine.checkpoint import load_model
 from prism_ds.engine.trainer import train
@@ -22,6 +24,6 @@ from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM
 from prism_ds.models.prism_model import PrismModel, build_model
 
 __all__ = ["RunConfig", "load_config", "mask_tokens", "build_y", "mdm_loss", "prism_loss", "sample",
-           "EvenSchedule", "POLICIES", "build_model", "PrismModel", "LLaDAConfig", "LLaDAModelLM", "train",
+           "SamplingExtras", "EvenSchedule", "BlockwiseSchedule", "POLICIES", "build_model", "PrismModel", "LLaDAConfig", "LLaDAModelLM", "train",
            "load_model"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""`prism-ds` command line: train, sample, eval, demo, gen-sudoku, make-tiny-llada.
+"""`prism-ds` command line: train, sample, eval, demo, code-eval, gen-sudoku, make-tiny-llada.
 
 Every subcommand takes --recipe (a shipped recipe name or a YAML path) and trailing dotted
 overrides such as `model.hidden=256 finetune.steps=500`.
@@ -6,6 +6,7 @@ overrides such as `model.hidden=256 finetune.steps=500`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from prism_ds.config import ConfigError, load_config
@@ -53,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/llada-tiny", help="writes OUT/model and OUT/data/{train,heldout}.jsonl")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("code-eval", help="code benchmarks (MBPP, MBPP+, HumanEval, HumanEval+): generate, score, "
+                                           "sweep K_block")
+    p.add_argument("action", choices=["generate", "score", "sweep"])
+    p.add_argument("--benchmark", required=True, help="mbpp | mbpp+ | humaneval | humaneval+")
+    p.add_argument("--model", help="export or pretrained folder (generate, sweep)")
+    p.add_argument("--out", help="samples JSONL to write or complete (generate); directory (sweep)")
+    p.add_argument("--samples", action="append", help="samples JSONL to score (repeat the flag: one table row each)")
+    p.add_argument("--k-blocks", default="4,6", help="sweep: K_block values, comma-separated")
+    _add_config_args(p, default_recipe="llada_8b")
+
     p = sub.add_parser("gen-sudoku", help="write solved boards or unique-solution puzzles as CSV")
     p.add_argument("--box-rows", type=int, default=3)
     p.add_argument("--box-cols", type=int, default=3)
@@ -86,6 +97,9 @@ def _run(args: argparse.Namespace) -> None:
         return
     if args.command == "sample":
         _sample(args, progress)
+        return
+    if args.command == "code-eval":
+        _code_eval(args, progress)
         return
     cfg = load_config(args.recipe, args.overrides)
     if args.command == "train":
@@ -125,6 +139,40 @@ def _sample(args: argparse.Namespace, progress: bool) -> None:
     write_csv(args.out, filled)
     ok = is_solved(spec, filled, puzzles).float().mean().item()
     print(f"wrote {len(filled)} boards to {args.out}; solved {100 * ok:.1f}%")
+
+
+def _code_eval(args: argparse.Namespace, progress: bool) -> None:
+    from prism_ds.engine import distributed as dist_utils
+
+    cfg = load_config(args.recipe, args.overrides)
+    need = {"generate": ("model", "out"), "score": ("samples",), "sweep": ("model", "out")}[args.action]
+    missing = [f"--{n}" for n in need if not getattr(args, n)]
+    if missing:
+        raise ValueError(f"code-eval {args.action} needs {' and '.join(missing)}")
+    if args.action == "score":
+        from prism_ds.codeeval.score import score, table
+
+        reports = [score(args.benchmark, s, cfg, progress) for s in args.samples]
+        print(table(reports))
+        return
+    if "RANK" in os.environ:  # started by deepspeed / torchrun: generation is spread over the ranks
+        dist_utils.init_distributed()
+    if args.action == "generate":
+        from prism_ds.codeeval.generate import generate
+
+        out = generate(args.benchmark, args.model, cfg, args.out, progress)
+        if dist_utils.rank() == 0:
+            print(f"wrote {out}; score it with: prism-ds code-eval score --benchmark {args.benchmark} --samples {out}")
+        return
+    from prism_ds.codeeval.sweep import sweep
+
+    try:
+        k_blocks = [int(k) for k in args.k_blocks.split(",")]
+    except ValueError:
+        raise ValueError(f"--k-blocks {args.k_blocks!r}: expected comma-separated integers") from None
+    report = sweep(args.benchmark, args.model, cfg, k_blocks, args.out, progress)
+    if report:
+        print(report)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -156,6 +156,30 @@ class SamplerConfig:
     batch_size: int = 500
     seed: int = 1234
     n_seeds: int = 1  # evaluation repeats with seeds seed, seed+1, ... (mean and 95% intervals)
+    # Blockwise semi-autoregressive sampling (LLaDA, code-eval): prompt + gen_length masks in blocks.
+    gen_length: int = 256
+    block_length: int = 32
+    k_block: int = 4  # remasks per block (fixed count), on the steps nearest the block's middle
+    cfg_scale: float = 0.0  # classifier-free guidance (0 = off)
+    forbid_eos: bool = False  # never sample EOS (nor LLaDA's <|eot_id|>)
+    eos_confidence: float = 1.0  # < 1 ranks EOS proposals lower when choosing what to unmask (confidence order)
+    stop_at_eos: bool = False  # stop a sample once a finished block holds EOS (the rest is EOS)
+
+
+@dataclass
+class CodeEvalConfig:
+    """Code benchmarks: data locations (empty = the hub / the packages' own data), sampling and execution."""
+
+    mbpp_path: str = ""  # mbpp.jsonl (974 problems); empty = google-research-datasets/mbpp when online
+    mbpp_plus_path: str = ""  # evalplus MbppPlus jsonl (sets MBPP_OVERRIDE_PATH); empty = evalplus's download
+    humaneval_plus_path: str = ""  # evalplus HumanEvalPlus jsonl (HUMANEVAL_OVERRIDE_PATH)
+    tasks: str = ""  # subset by id, e.g. "11-510" (MBPP's test split); empty = all
+    n_samples: int = 1  # samples per task (pass@k for k <= n)
+    batch_size: int = 8  # prompts per sampler batch
+    merge_adapter: bool = True  # fold LoRA into the base for faster sampling
+    timeout_s: float = 10.0  # per program, wall clock and CPU
+    memory_mb: int = 2048  # address-space limit per program
+    workers: int = 0  # parallel programs (0 = one per core)
 
 
 @dataclass
@@ -175,6 +199,7 @@ class RunConfig:
     pretrain: StageConfig = field(default_factory=StageConfig)
     finetune: StageConfig = field(default_factory=StageConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    codeeval: CodeEvalConfig = field(default_factory=CodeEvalConfig)
 
 
 def _coerce(value, tp, source: str, key: str):

@@ -127,6 +127,19 @@ def test_overwrite_and_resume_false_train_a_finished_stage_again(tmp_path, capsy
     assert "starting over" in capsys.readouterr().out
 
 
+def test_a_finished_finetune_is_not_reused_once_its_pretrained_backbone_changed(tmp_path, capsys):
+    args = lambda stage, *extra: ["train", "--stage", stage, "--no-progress", *tiny_overrides(  # noqa: E731
+        tmp_path, **{"pretrain.steps": 3, "finetune.steps": 2}), *extra]
+    assert main(args("pretrain")) == 0 and main(args("finetune")) == 0
+    assert main(args("finetune")) == 0 and "already finished" in capsys.readouterr().out
+    # Pretraining again with another learning rate changes no finetune.* key, only the starting weights.
+    assert main(args("pretrain", "--overwrite", "pretrain.lr=0.01")) == 0
+    capsys.readouterr()
+    assert main(args("finetune", "pretrain.lr=0.01")) == 2
+    err = capsys.readouterr().err
+    assert "the weights it started from (pretrain/final) have changed" in err and "pretrain.lr" not in err
+
+
 def test_resuming_a_checkpoint_with_a_changed_objective_is_refused(tmp_path, capsys):
     args = ["train", "--stage", "pretrain", "--no-progress",
             *tiny_overrides(tmp_path, **{"pretrain.steps": 4, "pretrain.ckpt_every": 2})]

@@ -134,6 +134,8 @@ def test_forward_equals_the_architecture_written_out_with_grouped_kv_heads():
         out = model(ids)
         assert torch.allclose(out.logits, _reference_logits(model, ids), atol=1e-5)
         assert model(ids, return_logits=False).logits is None
+        cols = torch.tensor([2, 5, 6])  # a sampler's block: only those positions are projected to the vocabulary
+        assert torch.allclose(model(ids, logits_cols=cols).logits, out.logits[:, cols], atol=1e-6)
         assert torch.allclose(out.last_hidden_state @ model.model.transformer.ff_out.weight.T, out.logits, atol=1e-6)
 
 

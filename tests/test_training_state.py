@@ -88,6 +88,17 @@ def test_zero3_builds_the_model_partitioned_from_the_start(tmp_path):
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)  # only partitions, no full tensors
     with deepspeed.zero.GatheredParameters(params):
         assert sum(p.numel() for p in params) == sum(p.ds_numel for p in params) > 0
+    # Zero-initialised layers are still zero once partitioned (a parent's zeros_ must gather them first).
+    head = build_model(cfg.model, cfg.quality_head, 7, with_head=True)  # outside zero.Init: the reference
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        partitioned = build_model(cfg.model, cfg.quality_head, 7, with_head=True)
+    zero_layers = [m for m in head.modules() if isinstance(m, torch.nn.Linear) and not m.weight.abs().sum()]
+    assert len(zero_layers) >= 3  # adaLN modulations, output layer, head
+    names = {id(m): n for n, m in head.named_modules()}
+    for m in zero_layers:
+        twin = partitioned.get_submodule(names[id(m)])
+        with deepspeed.zero.GatheredParameters([twin.weight, twin.bias]):
+            assert twin.weight.abs().sum() == 0 and twin.bias.abs().sum() == 0, names[id(m)]
 
 
 def _run(cfg, stage="pretrain"):

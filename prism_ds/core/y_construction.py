@@ -24,6 +24,22 @@ def _proposable(logits: torch.Tensor, mask_id: int | None, allowed_tokens: torch
     return logits
 
 
+def _confidence(logits: torch.Tensor, masked: torch.Tensor, mask_id: int | None,
+                allowed_tokens: torch.Tensor | None, chunk: int = 256) -> torch.Tensor:
+    """[B, L] float64: f's largest probability among proposable tokens, at masked positions only (0 elsewhere).
+
+    Computed in chunks of positions as exp(max - logsumexp): no [B, L, V] fp32 copy or softmax, which at
+    LLaDA's vocabulary would cost gigabytes.
+    """
+    out = torch.zeros(masked.shape, dtype=torch.float64, device=logits.device)
+    rows, cols = masked.nonzero(as_tuple=True)
+    for i in range(0, len(rows), chunk):
+        r, c = rows[i:i + chunk], cols[i:i + chunk]
+        sub = _proposable(logits[r, c].float(), mask_id, allowed_tokens)
+        out[r, c] = (sub.amax(-1) - sub.logsumexp(-1)).exp().double()
+    return out
+
+
 @dataclass
 class YBatch:
     """n_y proposals per z, stacked along the batch: row r belongs to z row r // ... (repeat_interleave)."""
@@ -54,8 +70,7 @@ def build_y(x: torch.Tensor, z: torch.Tensor, masked: torch.Tensor, logits: torc
     if positions == "random":
         scores = gumbel_noise((z.shape[0] * n_y, z.shape[1]), generator, z.device)
     elif positions == "confidence":
-        confidence = _proposable(logits.float(), mask_id, allowed_tokens).softmax(-1).amax(-1)
-        scores = rep(confidence.double())
+        scores = rep(_confidence(logits, masked, mask_id, allowed_tokens))
         if n_y > 1:  # Gumbel-top-k on log-confidence = sampling without replacement proportional to confidence
             scores = scores.log() + gumbel_noise(scores.shape, generator, z.device)
     else:

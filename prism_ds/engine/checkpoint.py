@@ -13,9 +13,9 @@ copy), written under a temporary name and renamed, so an interrupted export neve
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -89,6 +89,17 @@ def _write(path: Path, backbone: dict | None, head: dict | None, cfg: RunConfig,
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def content_hash(files: list[Path], extra: str = "") -> str:
+    """A short sha256 of files' names and bytes (and `extra`): what identifies a checkpoint's content."""
+    h = hashlib.sha256(extra.encode())
+    for file in files:
+        h.update(Path(file).name.encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def read_meta(path: str | Path) -> dict:
@@ -180,7 +191,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapt
         model = build_model(cfg.model, cfg.quality_head, meta["vocab_size"], with_head=has_head)
         load_backbone(model, path)
     else:
-        base = load_pretrained(replace(cfg.model, path=meta.get("base_backbone", cfg.model.path)))
+        cfg.model.path = meta.get("base_backbone", cfg.model.path)  # resolved at export time
+        base = load_pretrained(cfg.model)
         if (path / "adapter").exists():
             from peft import PeftModel
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from prism_ds.config import ConfigError, RunConfig, save_config, to_dict
 from prism_ds.core.objective import compute_losses
 from prism_ds.engine import distributed as dist_utils
-from prism_ds.engine.checkpoint import export_trainable, load_backbone
+from prism_ds.engine.checkpoint import backbone_file, content_hash, export_trainable, load_backbone, read_meta
 from prism_ds.engine.data_source import Batch, Task, build_task, mask_seed
 from prism_ds.engine.ema import EMA
 from prism_ds.engine.monitor import Monitor
@@ -145,17 +145,34 @@ def finished_export(cfg: RunConfig, stage: str, overwrite: bool = False) -> Path
         return None
     saved = yaml.safe_load((final / "config.yaml").read_text())
     diff = config_diff(saved, to_dict(cfg), stage)
+    if read_meta(final).get("init") not in (None, init_fingerprint(cfg, stage)):
+        diff.append(f"the weights it started from ({cfg.finetune.init_from or 'pretrain/final'}) have changed")
     if diff:
         raise ConfigError(f"{final} was trained with a different config ({'; '.join(diff)}). Pass --overwrite "
                           f"(or {stage}.resume=false) to train it again, or use another run_dir")
     return final
 
 
-def _start_over(ckpt_dir: Path, rank: int) -> None:
-    """Remove the stage's old DeepSpeed checkpoints so a fresh run never mixes with (or prunes into) them."""
-    if rank == 0 and ckpt_dir.exists():
-        print(f"[prism-ds] starting over: removing {ckpt_dir}")
-        shutil.rmtree(ckpt_dir)
+def init_fingerprint(cfg: RunConfig, stage: str) -> str | None:
+    """What a fine-tuning stage starts from: the DiT backbone's content hash, or the pretrained folder's
+    shard names, sizes and times (hashing 16 GB would take minutes). None for pretraining."""
+    if stage != "finetune":
+        return None
+    if cfg.model.kind != "dit":
+        shards = sorted(Path(cfg.model.path).glob("*.safetensors"))
+        return content_hash([], str([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in shards]))
+    init = Path(cfg.finetune.init_from or stage_dir(cfg, "pretrain") / "final")
+    return content_hash([backbone_file(init)]) if (init / "meta.json").exists() else None
+
+
+def _start_over(stage_path: Path, rank: int) -> None:
+    """Remove the stage's old checkpoints and export, so a fresh run never mixes with (or prunes into) them
+    and an interrupted fresh run is never mistaken for the old finished one."""
+    if rank == 0:
+        for old in (stage_path / "checkpoints", stage_path / "final"):
+            if old.exists():
+                print(f"[prism-ds] starting over: removing {old}")
+                shutil.rmtree(old)
     dist_utils.barrier()
 
 
@@ -180,7 +197,7 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     rank, n_ranks, device = dist_utils.rank(), dist_utils.world_size(), dist_utils.device()
     out_dir, ckpt_dir = stage_dir(cfg, stage), stage_dir(cfg, stage) / "checkpoints"
     if overwrite or not s.resume:
-        _start_over(ckpt_dir, rank)
+        _start_over(out_dir, rank)
     task = build_task(cfg, s.micro_batch_size, rank, n_ranks, progress)
     if mode == "prism" and cfg.prism.k > task.maskable:
         raise ConfigError(f"prism.k={cfg.prism.k} exceeds the {task.maskable} maskable positions of a sequence")
@@ -222,7 +239,8 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     if state is not None:
         monitor.load_state_dict(state["monitor"])
     heldout = task.heldout.to(device) if (task.heldout is not None and mode == "prism") else None
-    meta = {"stage": stage, "vocab_size": task.vocab_size, "params": n_params, "trainable": n_trainable}
+    meta = {"stage": stage, "vocab_size": task.vocab_size, "params": n_params, "trainable": n_trainable,
+            "init": init_fingerprint(cfg, stage)}
 
     def checkpoint(step: int) -> None:
         rank_state = {"source": task.source.state_dict(), "mask_generator": mask_gen.get_state(),

@@ -1,6 +1,6 @@
 """The one backbone interface: token ids in, unmasking logits and the hidden state heads read out.
 
-    backbone(tokens, need_logits=True, attention_mask=None) -> BackboneOutput
+    backbone(tokens, need_logits=True, attention_mask=None, logits_cols=None) -> BackboneOutput
 
 prism-ds's DiT implements it directly. `HFBackbone` adapts any Hugging Face masked diffusion model:
 prism-ds's LLaDA (which can skip the vocabulary projection when only the quality head is needed),
@@ -47,14 +47,16 @@ class HFBackbone(nn.Module):
         """The wrapped model's transformers config."""
         return unwrap(self.model).config
 
-    def forward(self, tokens: torch.Tensor, need_logits: bool = True,
-                attention_mask: torch.Tensor | None = None) -> BackboneOutput:
-        """One pass; attention_mask [B, L] (1 = real token) for padded batches."""
+    def forward(self, tokens: torch.Tensor, need_logits: bool = True, attention_mask: torch.Tensor | None = None,
+                logits_cols: torch.Tensor | None = None) -> BackboneOutput:
+        """One pass; attention_mask [B, L] (1 = real token) for padded batches; logits only at logits_cols."""
         if self._native:
-            out = self.model(input_ids=tokens, attention_mask=attention_mask, return_logits=need_logits)
+            out = self.model(input_ids=tokens, attention_mask=attention_mask, return_logits=need_logits,
+                             logits_cols=logits_cols)
             return BackboneOutput(logits=out.logits, last_hidden=out.last_hidden_state)
         out = self.model(input_ids=tokens, attention_mask=attention_mask, output_hidden_states=True)
         if getattr(out, "logits", None) is None or getattr(out, "hidden_states", None) is None:
             raise TypeError(f"{type(unwrap(self.model)).__name__} must return `logits` and `hidden_states` "
                             f"(output_hidden_states=True) to serve as a prism-ds backbone")
-        return BackboneOutput(logits=out.logits, last_hidden=out.hidden_states[-1])
+        logits = out.logits if logits_cols is None else out.logits[:, logits_cols]
+        return BackboneOutput(logits=logits, last_hidden=out.hidden_states[-1])

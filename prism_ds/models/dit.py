@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prism_ds.models.backbone import BackboneOutput
+from prism_ds.models.zero_init import zeros_
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +53,7 @@ class DiTBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * hidden)
-        # Zero-init so every block starts as the identity (DiT's adaLN-Zero).
-        nn.init.zeros_(self.adaLN_modulation.weight)
-        nn.init.zeros_(self.adaLN_modulation.bias)
+        zeros_(self.adaLN_modulation.weight, self.adaLN_modulation.bias)  # every block starts as the identity (adaLN-Zero)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, L, H = x.shape
@@ -77,9 +76,7 @@ class AdaLNFinalLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.linear = nn.Linear(hidden, out_dim)
         self.adaLN_modulation = nn.Linear(cond_dim, 2 * hidden)
-        for layer in (self.linear, self.adaLN_modulation):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        zeros_(self.linear.weight, self.linear.bias, self.adaLN_modulation.weight, self.adaLN_modulation.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)
@@ -113,8 +110,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden, n_heads, cond_dim, mlp_ratio, dropout) for _ in range(n_blocks))
         self.output_layer = AdaLNFinalLayer(hidden, cond_dim, vocab_size)
 
-    def forward(self, tokens: torch.Tensor, need_logits: bool = True,
-                attention_mask: torch.Tensor | None = None) -> BackboneOutput:
+    def forward(self, tokens: torch.Tensor, need_logits: bool = True, attention_mask: torch.Tensor | None = None,
+                logits_cols: torch.Tensor | None = None) -> BackboneOutput:
         """Run the backbone; skip the vocabulary projection when only the quality head is needed.
 
         Sequences are fixed-length (boards, packed text), so there is no padding mask to honour.
@@ -126,5 +123,5 @@ class DiT(nn.Module):
         rope = self.rotary(tokens.shape[1], x.device, x.dtype)
         for block in self.blocks:
             x = block(x, cond, rope)
-        logits = self.output_layer(x, cond) if need_logits else None
+        logits = self.output_layer(x if logits_cols is None else x[:, logits_cols], cond) if need_logits else None
         return BackboneOutput(logits=logits, last_hidden=x, cond=cond)

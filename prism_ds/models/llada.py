@@ -189,8 +189,9 @@ class LLaDAModelLM(PreTrainedModel):
         return self.model.transformer.wte
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                return_logits: bool = True, **kwargs) -> LLaDAOutput:
-        """input_ids [B, L]; attention_mask [B, L] (1 = real token) masks padded keys; None attends everywhere."""
+                return_logits: bool = True, logits_cols: torch.Tensor | None = None, **kwargs) -> LLaDAOutput:
+        """input_ids [B, L]; attention_mask [B, L] (1 = real token) masks padded keys; None attends everywhere.
+        logits_cols [W]: project only those positions to the vocabulary (logits [B, W, V])."""
         t = self.model.transformer
         x = t.wte(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -201,7 +202,10 @@ class LLaDAModelLM(PreTrainedModel):
         for block in t.blocks:
             x = block(x, rope, mask, self.use_flash_attention)
         h = t.ln_f(x)
-        return LLaDAOutput(logits=t.ff_out(h) if return_logits else None, last_hidden_state=h)
+        logits = None
+        if return_logits:
+            logits = t.ff_out(h if logits_cols is None else h[:, logits_cols])
+        return LLaDAOutput(logits=logits, last_hidden_state=h)
 
 
 def register() -> None:

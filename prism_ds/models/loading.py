@@ -36,7 +36,10 @@ def _weight_files(path: Path) -> dict[str, str]:
     """{weight name: file} from the safetensors index, or from a single model.safetensors."""
     index = path / _INDEX
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (expected JSON with a 'weight_map'; {e!r})") from None
         missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
         if missing:
             raise FileNotFoundError(f"{path}: shard(s) listed in {_INDEX} are missing: {', '.join(missing)}")
@@ -144,6 +147,8 @@ def mask_token_id(path: str | Path, tokenizer=None) -> int:
 def vocab_size(path: str | Path) -> int:
     """Rows of the model's output projection (embedding_size when the config pads the vocabulary)."""
     raw = read_config_json(path)
+    if not (raw.get("embedding_size") or raw.get("vocab_size")):
+        raise ValueError(f"{Path(path) / 'config.json'}: no vocab_size (nor embedding_size)")
     return int(raw.get("embedding_size") or raw["vocab_size"])
 
 

@@ -28,12 +28,14 @@ class PrismModel(nn.Module):
         self.quality_head = quality_head
 
     def forward(self, tokens: torch.Tensor, need_logits: bool = True, need_quality: bool = True,
-                attention_mask: torch.Tensor | None = None) -> PrismOutput:
+                attention_mask: torch.Tensor | None = None, logits_cols: torch.Tensor | None = None) -> PrismOutput:
         """One backbone pass; the vocabulary projection is skipped when logits are not needed.
 
         attention_mask [B, L] (1 = real token) for batches of left-padded prompts; None attends everywhere.
+        logits_cols: positions [W] whose logits are wanted (a sampler's current block): logits are then
+        [B, W, V], and the vocabulary projection runs on those positions only. Quality covers every position.
         """
-        out = self.backbone(tokens, need_logits=need_logits, attention_mask=attention_mask)
+        out = self.backbone(tokens, need_logits=need_logits, attention_mask=attention_mask, logits_cols=logits_cols)
         quality = self.quality_head(out) if (need_quality and self.quality_head is not None) else None
         return PrismOutput(logits=out.logits, quality=quality)
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from prism_ds.models.backbone import BackboneOutput
 from prism_ds.models.dit import AdaLNFinalLayer
+from prism_ds.models.zero_init import zeros_
 
 
 class QualityHead(nn.Module):
@@ -42,8 +43,7 @@ class ProjectionLinearHead(QualityHead):
     def __init__(self, hidden: int, cond_dim: int | None = None):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        zeros_(self.net[-1].weight, self.net[-1].bias)
 
     def forward(self, out: BackboneOutput) -> torch.Tensor:
         return self.net(out.last_hidden).squeeze(-1)

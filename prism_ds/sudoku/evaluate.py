@@ -5,7 +5,6 @@ a paired comparison of PRISM with the strongest baseline on the same puzzles and
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from prism_ds.core.schedules import EvenSchedule
 from prism_ds.sudoku.board import MASK_ID, BoardSpec, is_solved
 
 # Sampler keys that choose which cells exist (not how a cell is computed): left out of the cache key.
-_CELL_KEYS = ("steps", "policies", "n_seeds", "batch_size")
+# (batch_size stays in: the random draws of a batch depend on its size.)
+_CELL_KEYS = ("steps", "policies", "n_seeds")
 
 
 def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, variant: str, cfg: SamplerConfig,
@@ -99,25 +99,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _hash_files(files: list[Path], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for file in files:
-        h.update(file.name.encode())
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def results_key(checkpoint: str | Path, puzzles_path: Path, cfg: SamplerConfig) -> str:
     """Cache key from the checkpoint's content (meta + weights), the puzzles' content and the sampler settings."""
-    from prism_ds.engine.checkpoint import backbone_file
+    from prism_ds.engine.checkpoint import backbone_file, content_hash
 
     checkpoint = Path(checkpoint)
     files = [checkpoint / "meta.json", backbone_file(checkpoint), *sorted(checkpoint.glob("quality_head*.safetensors")),
              puzzles_path]
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _CELL_KEYS}
-    return _hash_files(files, json.dumps(settings, sort_keys=True))
+    return content_hash(files, json.dumps(settings, sort_keys=True))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, progress: bool = True) -> str:

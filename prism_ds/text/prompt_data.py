@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 
 from prism_ds.config import ConfigError, TextDataConfig
-from prism_ds.text.tokenizer import load_tokenizer, special_ids
+from prism_ds.text.tokenizer import encode_prompt, load_tokenizer, special_ids
 
 __all__ = ["TextBatch", "PromptSolutionStream", "load_tokenizer", "special_ids", "resolve_source"]
 
@@ -163,7 +163,6 @@ class PromptSolutionStream:
         if tokenizer.eos_token_id is None:
             raise ConfigError("text.tokenizer: tokenizer has no eos_token (needed to end and pad answers)")
         self.eos_id = int(tokenizer.eos_token_id)
-        self.use_chat = bool(getattr(tokenizer, "chat_template", None))
         self.builder, self.files = resolve_source(cfg.source)
         if self.builder == "json":
             for path in self.files:
@@ -238,13 +237,7 @@ class PromptSolutionStream:
         except _RowError as e:
             raise ValueError(f"{self._locate(e)}") from None
         tok, L = self.tokenizer, self.cfg.max_length
-        if self.use_chat:  # the template adds the model's own framing (BOS, headers)
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            prompt = tok(text, add_special_tokens=False)["input_ids"]
-        else:  # BOS by hand: add_special_tokens may also append EOS/SEP, which would end the prompt
-            prompt = tok(self.cfg.template.format(prompt=plain), add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None and prompt[:1] != [tok.bos_token_id]:
-                prompt = [tok.bos_token_id] + prompt
+        prompt = encode_prompt(tok, msgs, self.cfg.template.format(prompt=plain))
         answer = tok(solution, add_special_tokens=False)["input_ids"] + [self.eos_id]
         if len(prompt) + len(answer) > L:
             if self.cfg.overlong == "truncate" and len(prompt) >= L:  # no answer token would be left to train on

@@ -39,3 +39,19 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     if tokenizer.eos_token_id is None:
         raise ConfigError("text.tokenizer: the tokenizer has no eos_token (it ends and pads answers)")
     return vocab_size, int(mask_id), int(tokenizer.eos_token_id)
+
+
+def encode_prompt(tokenizer, messages: list[dict], plain: str) -> list[int]:
+    """Token ids of a prompt, the same in training and in sampling (one BOS, never an EOS).
+
+    With a chat template, the template adds the model's own framing (LLaDA's puts BOS before the first
+    message) and the text is tokenized without adding special tokens again; otherwise `plain` (the
+    prompt through text.template) gets BOS by hand, since add_special_tokens may also append EOS/SEP.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(plain, add_special_tokens=False)["input_ids"])
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids

@@ -58,5 +58,7 @@ def unmask_scores(order: str, token_probs: torch.Tensor, generator: torch.Genera
     raise ValueError(f"sampler.unmask_order={order!r}: expected 'random' or 'confidence'")
 
 
-from prism_ds.core.schedules.blockwise import BlockwiseSchedule  # noqa: E402
+from prism_ds.core.schedules.blockwise import BlockwiseSchedule  # noqa: E402 - needs the names above
 from prism_ds.core.schedules.even import EvenSchedule  # noqa: E402
+
+__all__ = ["REMASK_COUNTS", "StepPlan", "Schedule", "sigma_max", "unmask_scores", "BlockwiseSchedule", "EvenSchedule"]

@@ -47,7 +47,11 @@ class BlockwiseSchedule(Schedule):
         if num_steps < self.n_blocks or num_steps % self.n_blocks:
             raise ValueError(f"sampler steps={num_steps} must be a multiple of the number of blocks "
                              f"({self.gen_length} / {self.block_length} = {self.n_blocks})")
-        return num_steps // self.n_blocks
+        per_block = num_steps // self.n_blocks
+        if self.k_block and per_block < 3:
+            raise ValueError(f"sampler.k_block={self.k_block} needs at least 3 steps per block (the first has nothing "
+                             f"to remask, the last must fill the block); steps={num_steps} gives {per_block}")
+        return per_block
 
     def plan(self, step: int, num_steps: int, masked: torch.Tensor, clean: torch.Tensor, target: torch.Tensor,
              remasking: bool, generator: torch.Generator | None = None) -> StepPlan:

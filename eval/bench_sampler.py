@@ -1,0 +1,119 @@
+"""Blockwise sampler benchmark, side by side in one run on the same model and prompts:
+
+1. tokens/s of vanilla (`none`) vs PRISM sampling with prism-ds's sampler (PRISM's overhead: the head
+   and the remask choice; the forward passes are the same);
+2. tokens/s of prism-ds's sampler vs a plain re-implementation of the authors' LLaDA loop, which pads the
+   canvas to 1024 positions with masks and processes the whole canvas's logits at every step.
+
+The model is an LLaDA with random weights and LLaDA's vocabulary (126464), with the projection+linear
+head; `--size 8b` on a GPU (bf16), a small one on CPU. Generation: gen_length 256 in blocks of 32,
+K_block remasks per block, argmax tokens, confidence order.
+
+    .venv/bin/python eval/bench_sampler.py [--size small|8b] [--steps 256] [--batch 1] [--prompt 128]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+
+from prism_ds.core.sampler import sample
+from prism_ds.core.schedules import BlockwiseSchedule
+from prism_ds.core.schedules.blockwise import remask_steps
+from prism_ds.models.backbone import HFBackbone
+from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM
+from prism_ds.models.prism_model import PrismModel
+from prism_ds.models.quality_heads import build_quality_head
+
+MASK = 126336
+SIZES = {"8b": dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=12288),
+         "small": dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384)}
+
+
+@torch.no_grad()
+def authors_loop(model, prompt: torch.Tensor, gen_length: int, block_length: int, steps: int, k_block: int,
+                 canvas: int = 1024) -> torch.Tensor:
+    """The authors' loop, plainly: a fixed canvas of masks, full-canvas logits and softmax every step."""
+    B, P = prompt.shape
+    x = torch.full((B, canvas), MASK, device=prompt.device)
+    x[:, :P] = prompt
+    n_blocks, per_block = gen_length // block_length, steps // (gen_length // block_length)
+    remasks = remask_steps(k_block, per_block)
+    for b in range(n_blocks):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        n = block_length
+        base = [n // per_block + (i < n % per_block) for i in range(per_block)]
+        for i in range(per_block):
+            out = model(x)
+            probs = out.logits.float().softmax(-1)  # the whole canvas, every step
+            x0 = probs.argmax(-1)
+            conf = probs.gather(-1, x0[..., None]).squeeze(-1)
+            inside = torch.zeros_like(conf, dtype=torch.bool)
+            inside[:, lo:hi] = True
+            masked = x == MASK
+            k = remasks[i]
+            if k:  # remask the lowest-quality clean tokens of the block
+                q = out.quality.float().masked_fill(~(inside & ~masked), float("inf"))
+                x = x.scatter(1, q.topk(k, largest=False).indices, MASK)
+            conf = conf.masked_fill(~(inside & masked), float("-inf"))  # remasked tokens wait a step
+            pick = conf.topk(base[i] + k).indices
+            x = x.scatter(1, pick, x0.gather(1, pick))
+    return x[:, P:P + gen_length]
+
+
+def main() -> None:
+    """Time the three samplers on the same prompts and print tokens/s side by side."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="8b" if torch.cuda.is_available() else "small")
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--gen-length", type=int, default=256)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--k-block", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    cfg = LLaDAConfig(**SIZES[args.size], vocab_size=126464, embedding_size=126464, mask_token_id=MASK)
+    with torch.device(device):
+        base = LLaDAModelLM(cfg).to(dtype).eval()
+        model = PrismModel(HFBackbone(base), build_quality_head("projection+linear", cfg.d_model, None)).to(dtype)
+    prompt = torch.randint(0, 126080, (args.batch, args.prompt), device=device)
+    tokens = torch.cat([prompt, torch.full((args.batch, args.gen_length), MASK, device=device)], 1)
+    fixed = torch.zeros_like(tokens, dtype=torch.bool)
+    fixed[:, :args.prompt] = True
+    schedule = BlockwiseSchedule(args.prompt, args.gen_length, args.block_length, args.k_block)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def ours(policy: str):
+        return lambda: sample(model, tokens, fixed, MASK, args.steps, schedule, policy=policy,
+                              unmask_order="confidence", temperature=0.0)
+
+    runs = {"prism-ds, none": ours("none"), "prism-ds, prism": ours("prism"),
+            "authors' loop (1024 canvas), prism": lambda: authors_loop(model, prompt, args.gen_length,
+                                                                       args.block_length, args.steps, args.k_block)}
+    results = {}
+    for name, fn in tqdm(runs.items(), desc="samplers", leave=False):
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            fn()
+        sync()
+        results[name] = args.repeats * args.batch * args.gen_length / (time.perf_counter() - t0)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"LLaDA {args.size} (random weights, vocab 126464) on {name}: gen {args.gen_length}, block "
+          f"{args.block_length}, {args.steps} steps, K_block {args.k_block}, batch {args.batch}, prompt {args.prompt}")
+    for run, tps in results.items():
+        print(f"  {run:38s} {tps:9.1f} generated tokens/s")
+    none, prism = results["prism-ds, none"], results["prism-ds, prism"]
+    print(f"  PRISM overhead over none: {100 * (none / prism - 1):+.1f}% time per token")
+    print(f"  prism-ds vs the authors' loop (both PRISM): {prism / results[list(results)[2]]:.2f}x tokens/s")
+
+
+if __name__ == "__main__":
+    main()
