@@ -55,3 +55,17 @@ def test_ds_config_auto_values_are_filled_and_conflicts_are_errors(tmp_path):
     path.write_text(json.dumps({"train_batch_size": 32}))
     with pytest.raises(ConfigError, match=r"'train_batch_size' is 32 but the run config gives 64"):
         build_ds_config(stage, "finetune", n_ranks=2)
+
+
+def test_config_diff_counts_training_keys_and_takes_new_keys_at_their_defaults():
+    from prism_ds.config import to_dict
+    from prism_ds.engine.resume import config_diff
+
+    current = to_dict(load_config("sudoku_cpu"))
+    older = {k: v for k, v in current.items() if k not in ("lora", "codeeval")}  # saved before those existed
+    older["model"] = {k: v for k, v in current["model"].items() if k not in ("kind", "path")}
+    assert config_diff(older, current, "finetune") == []
+    changed = load_config("sudoku_cpu", ["prism.k=3", "sampler.steps=[9]", "finetune.log_every=3",
+                                         "model.gradient_checkpointing=true", "pretrain.lr=0.1"])
+    assert config_diff(current, to_dict(changed), "finetune") == ["prism.k: 2 -> 3"]
+    assert config_diff(current, to_dict(changed), "pretrain") == ["pretrain.lr: 0.003 -> 0.1"]

@@ -50,8 +50,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """A config saved by an older prism-ds, with the keys added since at their default values."""
+    out = {}
+    for key, default in defaults.items():
+        value = saved.get(key, default)
+        out[key] = _with_defaults(value, default) if isinstance(default, dict) and isinstance(value, dict) else value
+    return out
+
+
 def config_diff(saved: dict, current: dict, stage: str, ignore: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys (with both values) where two resolved configs would train `stage` differently."""
+    saved = _with_defaults(saved, to_dict(RunConfig()))
     other = "finetune" if stage == "pretrain" else "pretrain"
     skip = set(_BOOKKEEPING) | {other} | {f"{stage}.{k}" for k in _STAGE_BOOKKEEPING + ignore}
     if stage == "pretrain":  # the quality head and PRISM objective only exist in fine-tuning
