@@ -134,7 +134,7 @@ def test_pass_at_k_is_the_unbiased_estimator():
 def _generate_args(model, out, *extra):
     return ["code-eval", "generate", "--benchmark", "mbpp", "--model", str(model), "--out", str(out), "--no-progress",
             "--recipe", "llada_tiny", f"codeeval.mbpp_path={MBPP}", "codeeval.tasks=11-14", "sampler.gen_length=16",
-            "sampler.block_length=8", "sampler.steps=4", "sampler.k_block=1", "codeeval.batch_size=2",
+            "sampler.block_length=8", "sampler.steps=6", "sampler.k_block=1", "codeeval.batch_size=2",
             "sampler.policies=[remdm-conf]", *extra]  # a bare pretrained folder has no quality head for prism
 
 
@@ -160,7 +160,7 @@ def test_generate_resume_score_and_bad_inputs_with_a_tiny_llada(tiny_llada, tmp_
                  f"codeeval.mbpp_path={MBPP}"]) == 0
     report = json.loads((tmp_path / "samples.jsonl.report.json").read_text())
     assert report["tasks"] == 4 and report["pass_at"]["pass@1"] == 0.0  # a random model writes no valid code
-    assert "| remdm-conf | 4 | 1 | 4 | 0.0% | samples.jsonl |" in capsys.readouterr().out
+    assert "| remdm-conf | 6 | 1 | 4 | 0.0% | samples.jsonl |" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": 11, "solution": "x"}\nnot json\n')
     assert main(["code-eval", "score", "--benchmark", "mbpp", "--samples", str(bad), f"codeeval.mbpp_path={MBPP}"]) == 2
@@ -173,6 +173,8 @@ def test_generate_resume_score_and_bad_inputs_with_a_tiny_llada(tiny_llada, tmp_
     assert "block_length=5 must divide sampler.gen_length=16" in capsys.readouterr().err
     assert main(_generate_args(tiny_llada, tmp_path / "x.jsonl", "sampler.steps=3")) == 2
     assert "steps=3 must be a multiple of the number of blocks" in capsys.readouterr().err
+    assert main(_generate_args(tiny_llada, tmp_path / "x.jsonl", "sampler.steps=4")) == 2
+    assert "k_block=1 needs at least 3 steps per block" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -194,12 +196,12 @@ def test_generation_spreads_over_two_ranks_and_merges_in_task_order(tiny_llada, 
 def test_sweep_reports_the_best_k_block_per_policy(tiny_llada, tmp_path, capsys):
     args = ["code-eval", "sweep", "--benchmark", "mbpp", "--model", str(tiny_llada), "--out", str(tmp_path),
             "--k-blocks", "1,2", "--no-progress", "--recipe", "llada_tiny", f"codeeval.mbpp_path={MBPP}",
-            "codeeval.tasks=11-12", "sampler.gen_length=16", "sampler.block_length=8", "sampler.steps=4",
+            "codeeval.tasks=11-12", "sampler.gen_length=16", "sampler.block_length=8", "sampler.steps=6",
             "sampler.policies=[none,remdm]"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == [
-        "mbpp_none_N4_K0.jsonl", "mbpp_remdm_N4_K1.jsonl", "mbpp_remdm_N4_K2.jsonl"]
+        "mbpp_none_N6_K0.jsonl", "mbpp_remdm_N6_K1.jsonl", "mbpp_remdm_N6_K2.jsonl"]
     best = out.split("Best K_block per policy")[1]
     assert best.count("| none |") == 1 and best.count("| remdm |") == 1
 
