@@ -1,15 +1,19 @@
 """Blockwise sampler benchmark, side by side in one run on the same model and prompts:
 
-1. tokens/s of vanilla (`none`) vs PRISM sampling with prism-ds's sampler (PRISM's overhead: the head
-   and the remask choice; the forward passes are the same);
-2. tokens/s of prism-ds's sampler vs a plain re-implementation of the authors' LLaDA loop, which pads the
-   canvas to 1024 positions with masks and processes the whole canvas's logits at every step.
+1. tokens/s of vanilla (`none`) vs PRISM sampling in every mode of prism-ds's sampler: uncached, prefix
+   KV cache, dual KV cache, dual cache + confidence-threshold decoding (PRISM's overhead: the head and the
+   remask choice; the forward passes are the same);
+2. backbone positions computed per generated token, and agreement of the cached modes' tokens with the
+   uncached sampler's;
+3. all of it against a plain re-implementation of the authors' LLaDA loop, which pads the canvas to 1024
+   positions with masks and processes the whole canvas's logits at every step.
 
 The model is an LLaDA with random weights and LLaDA's vocabulary (126464), with the projection+linear
 head; `--size 8b` on a GPU (bf16), a small one on CPU. Generation: gen_length 256 in blocks of 32,
 K_block remasks per block, argmax tokens, confidence order.
 
     .venv/bin/python eval/bench_sampler.py [--size small|8b] [--steps 256] [--batch 1] [--prompt 128]
+        [--threshold 0.9]
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from prism_ds.core.sampler import sample
+from prism_ds.core.sampler import SamplingExtras, sample
 from prism_ds.core.schedules import BlockwiseSchedule
 from prism_ds.core.schedules.blockwise import remask_steps
 from prism_ds.models.backbone import HFBackbone
@@ -29,6 +33,7 @@ from prism_ds.models.quality_heads import build_quality_head
 
 MASK = 126336
 SIZES = {"8b": dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=12288),
+         "medium": dict(d_model=512, n_layers=8, n_heads=8, mlp_hidden_size=1536),
          "small": dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384)}
 
 
@@ -74,6 +79,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--sharpen", type=float, default=1.0, help="scale the random output layer: > 1 makes the "
+                   "random model confident, as a trained one is (threshold decoding only saves steps then)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -81,6 +89,8 @@ def main() -> None:
     cfg = LLaDAConfig(**SIZES[args.size], vocab_size=126464, embedding_size=126464, mask_token_id=MASK)
     with torch.device(device):
         base = LLaDAModelLM(cfg).to(dtype).eval()
+        with torch.no_grad():
+            base.model.transformer.ff_out.weight.mul_(args.sharpen)
         model = PrismModel(HFBackbone(base), build_quality_head("projection+linear", cfg.d_model, None)).to(dtype)
     prompt = torch.randint(0, 126080, (args.batch, args.prompt), device=device)
     tokens = torch.cat([prompt, torch.full((args.batch, args.gen_length), MASK, device=device)], 1)
@@ -89,30 +99,47 @@ def main() -> None:
     schedule = BlockwiseSchedule(args.prompt, args.gen_length, args.block_length, args.k_block)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def ours(policy: str):
+    def ours(policy: str, cache: str = "none", threshold: float | None = None, calls: list | None = None):
         return lambda: sample(model, tokens, fixed, MASK, args.steps, schedule, policy=policy,
-                              unmask_order="confidence", temperature=0.0)
+                              unmask_order="confidence", temperature=0.0,
+                              extras=SamplingExtras(cache=cache, threshold=threshold, calls=calls))
 
-    runs = {"prism-ds, none": ours("none"), "prism-ds, prism": ours("prism"),
-            "authors' loop (1024 canvas), prism": lambda: authors_loop(model, prompt, args.gen_length,
-                                                                       args.block_length, args.steps, args.k_block)}
-    results = {}
-    for name, fn in tqdm(runs.items(), desc="samplers", leave=False):
-        fn()  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            fn()
-        sync()
-        results[name] = args.repeats * args.batch * args.gen_length / (time.perf_counter() - t0)
+    modes = {"uncached": {}, "prefix cache": {"cache": "prefix"}, "dual cache": {"cache": "dual"},
+             f"dual cache + threshold {args.threshold}": {"cache": "dual", "threshold": args.threshold}}
+    results, computed, outputs = {}, {}, {}
+    runs = [(f"prism-ds {mode}, {policy}", mode, policy) for mode in modes for policy in ("none", "prism")]
+    for name, mode, policy in tqdm(runs, desc="samplers", leave=False):
+        calls: list = []
+        outputs[name] = ours(policy, **modes[mode], calls=calls)()  # warm-up; also counts the positions computed
+        computed[name] = sum(rows * (hi - lo) for rows, (lo, hi) in calls) / (args.batch * args.gen_length)
+        results[name] = _tokens_per_s(ours(policy, **modes[mode]), args, sync)
+    authors = "authors' loop (1024 canvas), prism"
+    results[authors] = _tokens_per_s(lambda: authors_loop(model, prompt, args.gen_length, args.block_length,
+                                                          args.steps, args.k_block), args, sync)
+    computed[authors] = args.steps * 1024 / args.gen_length
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"LLaDA {args.size} (random weights, vocab 126464) on {name}: gen {args.gen_length}, block "
           f"{args.block_length}, {args.steps} steps, K_block {args.k_block}, batch {args.batch}, prompt {args.prompt}")
+    print("| sampler | generated tokens/s | positions computed per token | tokens equal to uncached |")
+    print("|---|---|---|---|")
     for run, tps in results.items():
-        print(f"  {run:38s} {tps:9.1f} generated tokens/s")
-    none, prism = results["prism-ds, none"], results["prism-ds, prism"]
-    print(f"  PRISM overhead over none: {100 * (none / prism - 1):+.1f}% time per token")
-    print(f"  prism-ds vs the authors' loop (both PRISM): {prism / results[list(results)[2]]:.2f}x tokens/s")
+        base = outputs.get(f"prism-ds uncached, {run.rsplit(', ', 1)[-1]}")
+        agree = "" if run not in outputs else f"{100 * (outputs[run] == base)[:, args.prompt:].float().mean():.1f}%"
+        print(f"| {run} | {tps:.1f} | {computed[run]:.0f} | {agree} |")
+    for mode in modes:
+        none, prism = results[f"prism-ds {mode}, none"], results[f"prism-ds {mode}, prism"]
+        print(f"PRISM overhead over none, {mode}: {100 * (none / prism - 1):+.1f}% time per token")
+    fastest = max(v for k, v in results.items() if "threshold" in k and k.endswith("prism"))
+    print(f"dual cache + threshold (prism) vs the authors' loop: {fastest / results[authors]:.1f}x tokens/s")
+
+
+def _tokens_per_s(fn, args, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.repeats):
+        fn()
+    sync()
+    return args.repeats * args.batch * args.gen_length / (time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

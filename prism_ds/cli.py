@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "tokens) and code pairs for CPU smoke runs")
     p.add_argument("--out", default="runs/llada-tiny", help="writes OUT/model and OUT/data/{train,heldout}.jsonl")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compact", action="store_true", help="a small vocabulary (BPE + specials) instead of LLaDA's "
+                                                          "126464 rows: for models trained from scratch on CPU")
+    p.add_argument("--corpus", help="JSONL whose string fields train the BPE (default: Python's standard library)")
+    p.add_argument("--size", default="64,2,4,128", help="d_model,layers,heads,mlp_hidden (default 64,2,4,128)")
 
     p = sub.add_parser("code-eval", help="code benchmarks (MBPP, MBPP+, HumanEval, HumanEval+): generate, score, "
                                            "sweep K_block")
@@ -91,7 +95,15 @@ def _run(args: argparse.Namespace) -> None:
 
         from prism_ds.models.tiny_llada import write_code_pairs, write_tiny_llada
 
-        model = write_tiny_llada(Path(args.out) / "model", seed=args.seed)
+        from prism_ds.models.tiny_llada import jsonl_corpus
+
+        try:
+            d, layers, heads, mlp = (int(v) for v in args.size.split(","))
+        except ValueError:
+            raise ValueError(f"--size {args.size!r}: expected d_model,layers,heads,mlp_hidden") from None
+        model = write_tiny_llada(Path(args.out) / "model", seed=args.seed, d_model=d, n_layers=layers, n_heads=heads,
+                                 mlp_hidden_size=mlp, compact=args.compact,
+                                 corpus=jsonl_corpus(args.corpus) if args.corpus else None)
         train, held = write_code_pairs(Path(args.out) / "data")
         print(f"wrote a tiny random LLaDA to {model} and code pairs to {train}, {held}")
         return

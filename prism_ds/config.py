@@ -164,6 +164,8 @@ class SamplerConfig:
     forbid_eos: bool = False  # never sample EOS (nor LLaDA's <|eot_id|>)
     eos_confidence: float = 1.0  # < 1 ranks EOS proposals lower when choosing what to unmask (confidence order)
     stop_at_eos: bool = False  # stop a sample once a finished block holds EOS (the rest is EOS)
+    cache: str = "none"  # none | prefix | dual: KV cache of the LLaDA backbone (Fast-dLLM style)
+    threshold: float = 0.0  # > 0: unmask every masked token of the block above this confidence (at least one)
 
 
 @dataclass

@@ -177,6 +177,16 @@ def test_generate_resume_score_and_bad_inputs_with_a_tiny_llada(tiny_llada, tmp_
     assert "k_block=1 needs at least 3 steps per block" in capsys.readouterr().err
 
 
+@needs_mbpp
+def test_generate_with_the_dual_cache_and_threshold_decoding(tiny_llada, tmp_path, capsys):
+    out = tmp_path / "fast.jsonl"
+    assert main(_generate_args(tiny_llada, out, "sampler.cache=dual", "sampler.threshold=0.9")) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["settings"]["cache"] == "dual" and rows[0]["settings"]["threshold"] == 0.9
+    assert main(_generate_args(tiny_llada, tmp_path / "x.jsonl", "sampler.threshold=1.5")) == 2
+    assert "sampler.threshold=1.5 must be in (0, 1]" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @needs_mbpp
 def test_generation_spreads_over_two_ranks_and_merges_in_task_order(tiny_llada, tmp_path):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 import prism_ds.engine.trainer as trainer
 from helpers import REPO, free_port, read_scalars, subprocess_env
 from prism_ds.config import load_config
+from prism_ds.engine.checkpoint import load_model, read_meta
 from prism_ds.models.llada import LLaDAConfig
-from prism_ds.engine.checkpoint import load_model
 
 
 def _overrides(tiny_llada, run_dir, **extra) -> list[str]:
@@ -139,3 +139,24 @@ def test_llada_benchmark_runs_at_tiny_size():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sequence tokens/s" in proc.stdout and "LLaDA tiny" in proc.stdout
+
+
+def test_finetuning_a_folder_starts_from_this_runs_pretraining_of_it(tiny_llada, tmp_path):
+    """model.kind=llada with a pretraining stage (an MDM trained from the folder's weights): fine-tuning
+    starts from that export, and the reloaded fine-tuned model (LoRA over a frozen base) carries it."""
+    over = _overrides(tiny_llada, tmp_path / "run", **{"pretrain.steps": 2, "pretrain.micro_batch_size": 2,
+                                                       "pretrain.ds_config": "zero2.json", "lora.r": 0})
+    cfg = load_config("llada_tiny", over)
+    pre = trainer.train(cfg, "pretrain", progress=False)
+    trained = load_file(str(pre / "backbone.safetensors"))
+    name = "model.model.transformer.blocks.0.q_proj.weight"
+    original = {}
+    for shard in tiny_llada.glob("model-*.safetensors"):
+        original |= load_file(str(shard))
+    assert not torch.equal(trained[name], original[name.removeprefix("model.")])  # pretraining moved it
+    cfg = load_config("llada_tiny", over[:-1] + ["lora.r=4"])
+    fine = trainer.train(cfg, "finetune", progress=False)
+    model, _ = load_model(fine)
+    base_q = model.backbone.model.base_model.model.model.transformer.blocks[0].q_proj.base_layer.weight
+    assert torch.equal(base_q, trained[name])
+    assert read_meta(fine)["init_backbone"] == str(pre.resolve())

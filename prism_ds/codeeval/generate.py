@@ -22,11 +22,11 @@ from prism_ds.codeeval.extract import complete_program, extract_code
 from prism_ds.codeeval.tasks import CodeTask, check_benchmark, load_tasks, select
 from prism_ds.config import RunConfig, to_dict
 from prism_ds.core.remask import parse_variant
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import CACHE_MODES, SamplingExtras, sample
 from prism_ds.core.schedules import BlockwiseSchedule
 
 SETTING_KEYS = ("gen_length", "block_length", "steps", "k_block", "policies", "unmask_order", "temperature",
-                "top_p", "cfg_scale", "forbid_eos", "eos_confidence", "stop_at_eos", "seed")
+                "top_p", "cfg_scale", "forbid_eos", "eos_confidence", "stop_at_eos", "seed", "cache", "threshold")
 
 
 def settings_of(cfg: RunConfig, model_dir: str, benchmark: str) -> dict:
@@ -68,11 +68,15 @@ def _check(cfg: RunConfig) -> None:
                          f"{s.policies} must each have one value (the sweep command runs several)")
     _, count = parse_variant(s.policies[0], s.remask_count)
     BlockwiseSchedule(0, s.gen_length, s.block_length, s.k_block, count).steps_per_block(s.steps[0])
+    if s.cache not in CACHE_MODES:
+        raise ValueError(f"sampler.cache={s.cache!r}: expected one of {CACHE_MODES}")
+    if not 0 <= s.threshold <= 1:
+        raise ValueError(f"sampler.threshold={s.threshold} must be in (0, 1] (0 turns threshold decoding off)")
     if cfg.codeeval.n_samples < 1 or cfg.codeeval.batch_size < 1:
         raise ValueError("codeeval.n_samples and codeeval.batch_size must be >= 1")
 
 
-def _batch(tokenizer, tasks: list[CodeTask], cfg: RunConfig, mask_id: int, device) -> tuple:
+def prompt_batch(tokenizer, tasks: list[CodeTask], cfg: RunConfig, mask_id: int, device) -> tuple:
     """Left-padded prompts followed by gen_length masks: (tokens, fixed, attention_mask, prompt width)."""
     from prism_ds.text.tokenizer import encode_prompt
 
@@ -137,10 +141,10 @@ def generate(benchmark: str, model_dir: str, cfg: RunConfig, out: str | Path, pr
                    disable=not progress)
         for b, chunk in batches:
             device = tokens_device(model)
-            tokens, fixed, attention, width = _batch(tokenizer, [t for t, _ in chunk], cfg, mask_id, device)
+            tokens, fixed, attention, width = prompt_batch(tokenizer, [t for t, _ in chunk], cfg, mask_id, device)
             extras = SamplingExtras(attention_mask=attention if not attention.all() else None, cfg_scale=s.cfg_scale,
                                     cfg_mask=fixed, eos_id=tokenizer.eos_token_id, eos_confidence=s.eos_confidence,
-                                    stop_at_eos=s.stop_at_eos)
+                                    stop_at_eos=s.stop_at_eos, cache=s.cache, threshold=s.threshold or None)
             schedule = BlockwiseSchedule(width, s.gen_length, s.block_length, s.k_block, remask_count=count)
             gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{s.seed}:{b}".encode()))
             filled = sample(model, tokens, fixed, mask_id, s.steps[0], schedule, policy=policy,

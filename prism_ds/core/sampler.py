@@ -4,9 +4,23 @@ Each step makes one forward pass that gives the unmasking logits and, when the p
 quality of the current tokens; a schedule says where and how much to unmask and remask, a policy which
 clean tokens to remask. Fixed tokens (Sudoku clues, prompts, padding) are never changed. Rows that are
 finished (every position filled, or stopped at EOS) leave the batch, so they cost no more passes.
+
+Fast sampling for backbones with a KV cache (prism-ds's LLaDA), Fast-dLLM style:
+  cache="prefix"  a window's first step is a full pass that caches every position's keys/values; its
+                  other steps recompute the window and everything after it, reading the prefix (prompt,
+                  finished blocks) from the cache
+  cache="dual"    the other steps recompute the window only; the suffix is read from the cache too
+  threshold=tau   a step unmasks every masked token of the window whose probability exceeds tau (at
+                  least one; everything on the window's last step) instead of the schedule's count
+Remasking reads the quality of the same (partial) pass, for the window's tokens. Without a threshold
+it keeps the schedule's plan (K_block per block on its planned steps) and every step makes one pass.
+With a threshold, a block's K_block remasks all happen in its second pass (the first one with decoded
+tokens to judge), so the remasked tokens are refilled in passes the block mostly needs anyway; a step
+with nothing left to unmask or remask makes no pass, and a block ends as soon as it is filled.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -38,13 +52,20 @@ class SamplingExtras:
     eos_confidence: float = 1.0
     stop_at_eos: bool = False
     history: list | None = field(default=None, repr=False)
+    cache: str = "none"  # none | prefix | dual (backbones without a KV cache fall back to none, with a warning)
+    threshold: float | None = None  # confidence-threshold parallel decoding, in (0, 1]
+    calls: list | None = field(default=None, repr=False)  # receives (rows, positions computed) of every pass
+
+
+CACHE_MODES = ("none", "prefix", "dual")
 
 
 def _forward(model, tokens, policy: str, extras: SamplingExtras, attention_mask, cfg_mask, mask_id: int,
-             cols: torch.Tensor | None):
+             cols: torch.Tensor | None, **cache):
     """Logits at `cols` (all positions when None; guided when cfg_scale > 0) and quality, in one batched pass."""
     def kw(am):  # only what the model needs to be told: scripted and plain models take neither
-        return {**({} if am is None else {"attention_mask": am}), **({} if cols is None else {"logits_cols": cols})}
+        return {**({} if am is None else {"attention_mask": am}), **({} if cols is None else {"logits_cols": cols}),
+                **cache}
 
     if extras.cfg_scale <= 0:
         return model(tokens, need_logits=True, need_quality=needs_quality(policy), **kw(attention_mask))
@@ -55,6 +76,42 @@ def _forward(model, tokens, policy: str, extras: SamplingExtras, attention_mask,
     out.logits = un + (extras.cfg_scale + 1) * (cond - un)
     out.quality = None if out.quality is None else out.quality[: len(tokens)]  # quality of the real state
     return out
+
+
+class _KVState:
+    """The KV cache of the current window's full pass, for the rows that were generating then."""
+
+    def __init__(self, mode: str):
+        self.mode, self.kv, self.rows, self.window = mode, None, None, None
+
+    def fresh_range(self, lo: int, hi: int, length: int) -> tuple[int, int]:
+        """What a cached step recomputes: the window and what follows (prefix), or the window (dual)."""
+        return (lo, length) if self.mode == "prefix" else (lo, hi)
+
+
+def _pass(model, tok, rows, cols, policy, extras, mask_id, state: _KVState | None):
+    """One forward: (logits at the window columns [B, W, V], quality [B, L] or None), filling or reading a cache."""
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    full_cols = len(cols) == tok.shape[1]
+    args = (model, tok, policy, extras, pick(extras.attention_mask), pick(extras.cfg_mask), mask_id,
+            None if full_cols else cols)
+    lo, hi, length = int(cols[0]), int(cols[-1]) + 1, tok.shape[1]
+    if state is None or full_cols:
+        computed, out = (0, length), _forward(*args)
+    elif state.window != (lo, hi):  # a new window (block): full pass, refill the cache
+        computed, out = (0, length), _forward(*args, fill_cache=True)
+        state.kv, state.rows, state.window = out.kv_cache, rows, (lo, hi)
+    else:  # rows only ever leave the batch, so they are a subset of the cached ones
+        where = torch.searchsorted(state.rows, rows)
+        computed = state.fresh_range(lo, hi, length)
+        out = _forward(*args, kv_cache=state.kv.rows(where), fresh=computed)
+    if extras.calls is not None:
+        extras.calls.append((len(rows), computed))
+    quality = out.quality
+    if quality is not None and quality.shape[1] != length:  # a cached pass scores the positions it computed
+        quality = torch.zeros(tok.shape, dtype=quality.dtype, device=tok.device).index_copy(
+            1, torch.arange(*computed, device=tok.device), quality)
+    return out.logits, quality
 
 
 @torch.no_grad()
@@ -73,6 +130,24 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         raise ValueError("sampler.stop_at_eos needs the tokenizer's EOS id (SamplingExtras.eos_id)")
     if extras.cfg_scale > 0 and extras.cfg_mask is None:
         raise ValueError("sampler.cfg_scale > 0 needs the positions to mask for the unconditional pass (cfg_mask)")
+    if extras.cache not in CACHE_MODES:
+        raise ValueError(f"sampler.cache={extras.cache!r}: expected one of {CACHE_MODES}")
+    if extras.threshold is not None and not 0 < extras.threshold <= 1:
+        raise ValueError(f"sampler.threshold={extras.threshold} must be in (0, 1]")
+    seen_window, window_step, k_block = None, 0, 0
+    if extras.threshold is not None:
+        if getattr(schedule, "k_block", None) is None:
+            raise ValueError("sampler.threshold needs the blockwise schedule (it decodes block by block)")
+        k_block = schedule.k_block
+    state = None
+    if extras.cache != "none":
+        if extras.cfg_scale > 0:
+            raise ValueError("sampler.cache with sampler.cfg_scale > 0 is not supported (use cache=none)")
+        if getattr(model, "supports_kv_cache", False):
+            state = _KVState(extras.cache)
+        else:
+            warnings.warn(f"sampler.cache={extras.cache!r}: this model has no KV cache support (or its quality "
+                          f"head attends across positions); sampling without a cache", stacklevel=2)
     tokens = tokens.clone()
     masked = (tokens == mask_id) & ~fixed
     target = masked.sum(1)
@@ -84,20 +159,27 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         if len(rows) == 0:
             break
         tok, msk, fix = tokens[rows], masked[rows], fixed[rows]
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
         clean = ~msk & ~fix
         plan = schedule.plan(step, num_steps, msk, clean, target[rows], remasking=policy != "none",
                              generator=generator)
+        fillable = msk & plan.window
+        if extras.threshold is not None:
+            window = (int(plan.window.any(0).nonzero()[0]), int(plan.window.any(0).nonzero()[-1]))
+            window_step = window_step + 1 if window == seen_window else 0  # steps into this window
+            if not fillable.any() and (policy == "none" or window_step > 1):
+                continue  # the window is filled and its remask round is done: no pass until the next window
+            seen_window = window
+            k = k_block if (policy != "none" and window_step == 1) else 0
+            plan.remask_count = torch.full_like(plan.unmask, k)
         # Logits and tokens only in the window's columns: LLaDA projects one block of 32 to its 126k
         # vocabulary, not the whole canvas.
         cols = plan.window.any(0).nonzero().flatten()
-        out = _forward(model, tok, policy, extras, pick(extras.attention_mask), pick(extras.cfg_mask), mask_id,
-                       None if len(cols) == tok.shape[1] else cols)
+        logits, quality = _pass(model, tok, rows, cols, policy, extras, mask_id, state)
         remask = torch.zeros_like(msk)
         if policy != "none":  # quality and confidence describe `tok` as it is now, before this step's changes
-            remask = choose_remask(remask_priority(policy, out.quality, confidence[rows]), clean & plan.window,
+            remask = choose_remask(remask_priority(policy, quality, confidence[rows]), clean & plan.window,
                                    plan.remask_count, plan.remask_rate, generator)
-        logits = out.logits.double()
+        logits = logits.double()
         logits[..., mask_id] = float("-inf")  # a sampled token is never the mask
         if allowed_tokens is not None:  # e.g. only digits may fill a Sudoku cell
             logits[..., ~allowed_tokens] = float("-inf")
@@ -107,18 +189,26 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         rank_prob = proposal_prob
         if extras.eos_id is not None and extras.eos_confidence != 1.0:
             rank_prob = torch.where(proposal == extras.eos_id, proposal_prob * extras.eos_confidence, proposal_prob)
-        fillable = msk & plan.window  # a token remasked now is not refilled in the same step
-        n_unmask = torch.minimum(plan.unmask + remask.sum(1), fillable.sum(1))
+        # fillable holds the masks before this step's remasking: a token remasked now waits a step.
+        if extras.threshold is None:
+            n_unmask = torch.minimum(plan.unmask + remask.sum(1), fillable.sum(1))
+        elif plan.window_closes:  # the window's last step fills it whatever the confidence
+            n_unmask = fillable.sum(1)
+        else:
+            above = ((proposal_prob > extras.threshold) & fillable).sum(1)
+            n_unmask = torch.minimum(above.clamp_min(1), fillable.sum(1))
         unmask = select_top(unmask_scores(unmask_order, rank_prob, generator), fillable, n_unmask)
         tok = torch.where(unmask, proposal, tok).masked_fill(remask, mask_id)
         msk = (msk & ~unmask) | remask
         confidence[rows] = torch.where(unmask, proposal_prob, confidence[rows])
+        done = torch.zeros_like(active[rows])
         if extras.stop_at_eos and plan.window_closes:
             done = ((tok == extras.eos_id) & plan.window).any(1)  # the block just finished holds an EOS
             tok = torch.where(done[:, None] & msk, torch.full_like(tok, extras.eos_id), tok)
             msk = msk & ~done[:, None]
         tokens[rows], masked[rows] = tok, msk
-        active[rows] = msk.any(1)
+        # A filled row is finished, unless threshold decoding filled a block before its remask round.
+        active[rows] = ~done & (msk.any(1) | (extras.threshold is not None))
         if extras.history is not None:
             full_remask, full_unmask = torch.zeros_like(masked), torch.zeros_like(masked)
             full_remask[rows], full_unmask[rows] = remask, unmask

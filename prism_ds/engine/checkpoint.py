@@ -122,7 +122,7 @@ def backbone_file(path: str | Path) -> Path:
     return backbone_file(base)
 
 
-def _load_into(module: torch.nn.Module, file: Path) -> None:
+def load_weights_into(module: torch.nn.Module, file: Path) -> None:
     """Strictly load a safetensors file into `module`, one tensor at a time (ZeRO-3 partitions included)."""
     import deepspeed
 
@@ -154,7 +154,7 @@ def _load_into(module: torch.nn.Module, file: Path) -> None:
 
 def load_backbone(model: torch.nn.Module, path: str | Path) -> None:
     """Load backbone weights from an export into model.backbone (names and shapes must match)."""
-    _load_into(model.backbone, backbone_file(path))
+    load_weights_into(model.backbone, backbone_file(path))
 
 
 def load_quality_head(model: torch.nn.Module, path: str | Path) -> None:
@@ -162,7 +162,7 @@ def load_quality_head(model: torch.nn.Module, path: str | Path) -> None:
     file = Path(path) / "quality_head.safetensors"
     if not file.exists():
         raise FileNotFoundError(f"{file} missing: this export has no quality head (a pretrain export?)")
-    _load_into(model.quality_head, file)
+    load_weights_into(model.quality_head, file)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapter: bool = False,
@@ -193,6 +193,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapt
     else:
         cfg.model.path = meta.get("base_backbone", cfg.model.path)  # resolved at export time
         base = load_pretrained(cfg.model)
+        if "init_backbone" in meta:  # fine-tuned from this run's pretraining of the folder's model
+            load_weights_into(HFBackbone(base), Path(meta["init_backbone"]) / "backbone.safetensors")
         if (path / "adapter").exists():
             from peft import PeftModel
 
@@ -204,7 +206,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapt
         head = build_quality_head(cfg.quality_head.kind, hidden_size(base.config), None) if has_head else None
         model = PrismModel(HFBackbone(base), head.to(next(base.parameters()).dtype) if head is not None else None)
         if (path / "backbone.safetensors").exists():
-            _load_into(model.backbone, path / "backbone.safetensors")
+            load_weights_into(model.backbone, path / "backbone.safetensors")
     if has_head:
         load_quality_head(model, path)
     return model.to(device).eval(), cfg

@@ -45,9 +45,8 @@ def _check_stage(cfg: RunConfig, stage: str) -> None:
         raise ConfigError("pretrain.freeze_backbone=true leaves nothing to train")
     if cfg.model.kind not in ("dit", "llada", "hf"):
         raise ConfigError(f"model.kind={cfg.model.kind!r}: expected dit, llada or hf")
-    if cfg.model.kind != "dit" and (s.init_from or cfg.task != "text"):
-        raise ConfigError(f"model.kind={cfg.model.kind} starts from model.path and trains on task=text "
-                          f"({stage}.init_from and task=sudoku are for the DiT)")
+    if cfg.model.kind != "dit" and cfg.task != "text":
+        raise ConfigError(f"model.kind={cfg.model.kind} trains on task=text (task=sudoku is for the DiT)")
     if cfg.lora.r > 0 and cfg.model.kind == "dit":
         raise ConfigError("lora.r > 0 needs a pretrained Hugging Face backbone (model.kind=llada or hf)")
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every", "calib_every", "keep_last"):
@@ -104,10 +103,11 @@ def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.
 
     s = getattr(cfg, stage)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    if cfg.model.kind != "dit":  # a pretrained folder: its weights are the starting point of either stage
+    if cfg.model.kind != "dit":  # a pretrained folder, or (fine-tuning) this run's pretraining export over it
         from prism_ds.models.loading import build_pretrained_model
 
-        return build_pretrained_model(cfg, stage == "finetune", not s.freeze_backbone, ds_config)
+        init = _hf_init(cfg) if stage == "finetune" else None
+        return build_pretrained_model(cfg, stage == "finetune", not s.freeze_backbone, ds_config, init)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
         model = build_model(cfg.model, cfg.quality_head, task.vocab_size, with_head=stage == "finetune")
@@ -153,12 +153,28 @@ def finished_export(cfg: RunConfig, stage: str, overwrite: bool = False) -> Path
     return final
 
 
+def _hf_init(cfg: RunConfig) -> Path | None:
+    """A Hugging Face backbone's fine-tuning start: finetune.init_from, else this run's pretraining export when
+    it trained the backbone, else None (model.path's own weights)."""
+    init = Path(cfg.finetune.init_from or stage_dir(cfg, "pretrain") / "final")
+    if (init / "backbone.safetensors").exists():
+        return init
+    if cfg.finetune.init_from:
+        raise ConfigError(f"finetune.init_from={cfg.finetune.init_from!r}: no backbone.safetensors there (a "
+                          f"pretraining export of this model.path is expected)")
+    return None
+
+
 def init_fingerprint(cfg: RunConfig, stage: str) -> str | None:
-    """What a fine-tuning stage starts from: the DiT backbone's content hash, or the pretrained folder's
-    shard names, sizes and times (hashing 16 GB would take minutes). None for pretraining."""
+    """What a fine-tuning stage starts from: the backbone's content hash (a DiT export, or this run's
+    pretraining of a Hugging Face backbone), else the pretrained folder's shard names, sizes and times
+    (hashing 16 GB would take minutes). None for pretraining."""
     if stage != "finetune":
         return None
     if cfg.model.kind != "dit":
+        init = _hf_init(cfg)
+        if init is not None:
+            return content_hash([init / "backbone.safetensors"])
         shards = sorted(Path(cfg.model.path).glob("*.safetensors"))
         return content_hash([], str([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in shards]))
     init = Path(cfg.finetune.init_from or stage_dir(cfg, "pretrain") / "final")
@@ -289,6 +305,9 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
         base = (s.init_from or stage_dir(cfg, "pretrain") / "final") if s.freeze_backbone else None
     else:  # a pretrained folder is the base; only adapters (or a fully trained backbone) are written
         base = cfg.model.path
+        init = _hf_init(cfg) if stage == "finetune" else None
+        if init is not None and (s.freeze_backbone or cfg.lora.r > 0):  # untouched weights of our pretraining
+            meta["init_backbone"] = str(init.resolve())
     final = export_trainable(ema.module if ema is not None else engine.module, cfg, out_dir / "final",
                              {**meta, "step": step}, rank == 0, base_backbone=base,
                              backbone_trained=not s.freeze_backbone and cfg.lora.r == 0)

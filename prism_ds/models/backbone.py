@@ -1,6 +1,7 @@
 """The one backbone interface: token ids in, unmasking logits and the hidden state heads read out.
 
     backbone(tokens, need_logits=True, attention_mask=None, logits_cols=None) -> BackboneOutput
+    backbone.supports_kv_cache (optional): passes can then fill a KV cache and recompute a slice only
 
 prism-ds's DiT implements it directly. `HFBackbone` adapts any Hugging Face masked diffusion model:
 prism-ds's LLaDA (which can skip the vocabulary projection when only the quality head is needed),
@@ -25,6 +26,7 @@ class BackboneOutput(ModelOutput):
     logits: torch.Tensor | None = None  # [B, L, V]; None when the caller asked for hidden states only
     last_hidden: torch.Tensor | None = None  # [B, L, H] what quality heads read (DiT: last block; LLaDA: post-ln_f)
     cond: torch.Tensor | None = None  # [B, C] adaLN conditioning (DiT); None for models without one
+    kv_cache: object | None = None  # after a pass that fills it (backbones with supports_kv_cache)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -47,13 +49,23 @@ class HFBackbone(nn.Module):
         """The wrapped model's transformers config."""
         return unwrap(self.model).config
 
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Whether passes can fill and reuse a KV cache (prism-ds's LLaDA)."""
+        return self._native
+
     def forward(self, tokens: torch.Tensor, need_logits: bool = True, attention_mask: torch.Tensor | None = None,
-                logits_cols: torch.Tensor | None = None) -> BackboneOutput:
-        """One pass; attention_mask [B, L] (1 = real token) for padded batches; logits only at logits_cols."""
+                logits_cols: torch.Tensor | None = None, **cache) -> BackboneOutput:
+        """One pass; attention_mask [B, L] (1 = real token) for padded batches; logits only at logits_cols.
+
+        cache (prism-ds's LLaDA): fill_cache=True, or kv_cache + fresh=(lo, hi) to compute [lo, hi) only.
+        """
         if self._native:
             out = self.model(input_ids=tokens, attention_mask=attention_mask, return_logits=need_logits,
-                             logits_cols=logits_cols)
-            return BackboneOutput(logits=out.logits, last_hidden=out.last_hidden_state)
+                             logits_cols=logits_cols, **cache)
+            return BackboneOutput(logits=out.logits, last_hidden=out.last_hidden_state, kv_cache=out.kv_cache)
+        if cache:
+            raise ValueError(f"{type(unwrap(self.model)).__name__} has no KV cache support")
         out = self.model(input_ids=tokens, attention_mask=attention_mask, output_hidden_states=True)
         if getattr(out, "logits", None) is None or getattr(out, "hidden_states", None) is None:
             raise TypeError(f"{type(unwrap(self.model)).__name__} must return `logits` and `hidden_states` "

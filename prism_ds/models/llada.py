@@ -65,11 +65,29 @@ class LLaDAConfig(PretrainedConfig):
 
 
 @dataclass
+class KVCache:
+    """Per layer, the keys (after RoPE) and values of every canvas position, from the last full pass.
+
+    A later pass may recompute a slice [lo, hi) of positions and read everything else from here: the
+    prefix cache recomputes the current block and what follows, the dual cache the current block only.
+    """
+
+    keys: list[torch.Tensor]  # per layer [B, H_kv, L, head_dim]
+    values: list[torch.Tensor]
+
+    def rows(self, index: torch.Tensor) -> "KVCache":
+        """The cache of a subset of the batch (rows that are still generating)."""
+        return KVCache([k[index] for k in self.keys], [v[index] for v in self.values])
+
+
+@dataclass
 class LLaDAOutput(ModelOutput):
-    """logits [B, L, V] (None when skipped) and the final post-ln_f hidden state [B, L, d_model]."""
+    """logits [B, L or W, V] (None when skipped), the post-ln_f hidden state of the computed positions,
+    and, after a pass that fills it, the KV cache."""
 
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+    kv_cache: KVCache | None = None
 
 
 class RMSNorm(nn.Module):
@@ -126,12 +144,21 @@ class LLaDABlock(GradientCheckpointingLayer):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
     def attention(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                  use_flash: bool) -> torch.Tensor:
+                  use_flash: bool, cache: tuple | None = None) -> torch.Tensor:
+        """cache: (keys, values, lo, hi, store): h holds positions [lo, hi); the other positions' keys and
+        values come from keys/values (when given); store (a list) receives this pass's keys and values."""
         B, L, _ = h.shape
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            past_k, past_v, lo, hi, store = cache
+            if store is not None:
+                store.append((k, v))
+            if past_k is not None:  # the slice is fresh, the rest of the canvas comes from the last full pass
+                k = torch.cat([past_k[:, :, :lo], k, past_k[:, :, hi:]], dim=2)
+                v = torch.cat([past_v[:, :, :lo], v, past_v[:, :, hi:]], dim=2)
         flash = _flash_attn() if use_flash and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
         if flash is not None:  # [B, L, H, hd] layout; handles grouped K/V heads itself
             out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
@@ -143,8 +170,8 @@ class LLaDABlock(GradientCheckpointingLayer):
         return out.transpose(1, 2).reshape(B, L, -1)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
-                use_flash: bool = False) -> torch.Tensor:
-        x = x + self.attn_out(self.attention(self.attn_norm(x), rope, mask, use_flash))
+                use_flash: bool = False, cache: tuple | None = None) -> torch.Tensor:
+        x = x + self.attn_out(self.attention(self.attn_norm(x), rope, mask, use_flash, cache))
         m = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
 
@@ -189,23 +216,38 @@ class LLaDAModelLM(PreTrainedModel):
         return self.model.transformer.wte
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                return_logits: bool = True, logits_cols: torch.Tensor | None = None, **kwargs) -> LLaDAOutput:
-        """input_ids [B, L]; attention_mask [B, L] (1 = real token) masks padded keys; None attends everywhere.
-        logits_cols [W]: project only those positions to the vocabulary (logits [B, W, V])."""
+                return_logits: bool = True, logits_cols: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                fresh: tuple[int, int] | None = None, fill_cache: bool = False, **kwargs) -> LLaDAOutput:
+        """input_ids [B, L] (the whole canvas); attention_mask [B, L] (1 = real token) masks padded keys, None
+        attends everywhere; logits_cols [W]: project only those positions to the vocabulary.
+
+        KV cache (sampling): fill_cache=True computes every position and returns their keys/values;
+        fresh=(lo, hi) with kv_cache computes positions [lo, hi) only, reading the others' keys/values from
+        the cache (hidden states and logits then cover [lo, hi); logits_cols stay canvas positions).
+        """
         t = self.model.transformer
-        x = t.wte(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        lo, hi = fresh if fresh is not None else (0, input_ids.shape[1])
+        if fresh is not None and kv_cache is None:
+            raise ValueError("fresh=(lo, hi) needs the kv_cache of a full pass")
+        x = t.wte(input_ids[:, lo:hi])
+        positions = torch.arange(lo, hi, device=input_ids.device)
         rope = rope_tables(positions, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()[:, None, None, :]  # keys only: padded queries still get (unused) outputs
-        for block in t.blocks:
-            x = block(x, rope, mask, self.use_flash_attention)
+        stores = [[] for _ in t.blocks] if fill_cache else [None] * len(t.blocks)
+        for i, block in enumerate(t.blocks):
+            cache = None
+            if fill_cache or fresh is not None:
+                past = (kv_cache.keys[i], kv_cache.values[i]) if fresh is not None else (None, None)
+                cache = (*past, lo, hi, stores[i])
+            x = block(x, rope, mask, self.use_flash_attention, cache)
         h = t.ln_f(x)
         logits = None
         if return_logits:
-            logits = t.ff_out(h if logits_cols is None else h[:, logits_cols])
-        return LLaDAOutput(logits=logits, last_hidden_state=h)
+            logits = t.ff_out(h if logits_cols is None else h[:, logits_cols - lo])
+        filled = KVCache([s[0][0] for s in stores], [s[0][1] for s in stores]) if fill_cache else None
+        return LLaDAOutput(logits=logits, last_hidden_state=h, kv_cache=filled)
 
 
 def register() -> None:

@@ -157,11 +157,13 @@ def hidden_size(config) -> int:
     return int(getattr(config, "d_model", None) or config.hidden_size)
 
 
-def build_pretrained_model(cfg, with_head: bool, train_backbone: bool, ds_config: dict | None = None):
+def build_pretrained_model(cfg, with_head: bool, train_backbone: bool, ds_config: dict | None = None,
+                           init: Path | None = None):
     """PrismModel over `model.path` (+ LoRA when lora.r > 0) with a fresh quality head when with_head.
 
     Under ZeRO-3 (ds_config stage 3) the weights are loaded partitioned: transformers builds the model
     under deepspeed.zero.Init while an HfDeepSpeedConfig is alive, and rank 0 copies the checkpoint in.
+    init: an export whose backbone.safetensors (e.g. this run's pretraining) replaces model.path's weights.
     """
     from prism_ds.models.backbone import HFBackbone
     from prism_ds.models.prism_model import PrismModel
@@ -176,6 +178,10 @@ def build_pretrained_model(cfg, with_head: bool, train_backbone: bool, ds_config
 
         live = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers reads it through a weak reference
     base = load_pretrained(cfg.model, dtype)
+    if init is not None:  # before LoRA wraps it, so the names are the backbone's own
+        from prism_ds.engine.checkpoint import load_weights_into
+
+        load_weights_into(HFBackbone(base), Path(init) / "backbone.safetensors")
     torch.manual_seed(cfg.seed)  # the same adapters and head on every rank
     if cfg.lora.r > 0:
         if not train_backbone:

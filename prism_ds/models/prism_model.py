@@ -16,7 +16,8 @@ class PrismOutput(ModelOutput):
     """Unmasking logits [B, L, V] (or None) and quality logits [B, L] (or None without a head)."""
 
     logits: torch.Tensor | None = None
-    quality: torch.Tensor | None = None
+    quality: torch.Tensor | None = None  # [B, computed positions]: all, or the fresh slice of a cached pass
+    kv_cache: object | None = None
 
 
 class PrismModel(nn.Module):
@@ -27,17 +28,26 @@ class PrismModel(nn.Module):
         self.backbone = backbone
         self.quality_head = quality_head
 
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Whether the backbone can fill and reuse a KV cache, and the head needs no other position's state."""
+        return bool(getattr(self.backbone, "supports_kv_cache", False)) and getattr(
+            self.quality_head, "per_token", True)
+
     def forward(self, tokens: torch.Tensor, need_logits: bool = True, need_quality: bool = True,
-                attention_mask: torch.Tensor | None = None, logits_cols: torch.Tensor | None = None) -> PrismOutput:
+                attention_mask: torch.Tensor | None = None, logits_cols: torch.Tensor | None = None,
+                **cache) -> PrismOutput:
         """One backbone pass; the vocabulary projection is skipped when logits are not needed.
 
         attention_mask [B, L] (1 = real token) for batches of left-padded prompts; None attends everywhere.
         logits_cols: positions [W] whose logits are wanted (a sampler's current block): logits are then
         [B, W, V], and the vocabulary projection runs on those positions only. Quality covers every position.
+        cache: fill_cache=True / kv_cache + fresh=(lo, hi), for backbones with supports_kv_cache.
         """
-        out = self.backbone(tokens, need_logits=need_logits, attention_mask=attention_mask, logits_cols=logits_cols)
+        out = self.backbone(tokens, need_logits=need_logits, attention_mask=attention_mask, logits_cols=logits_cols,
+                            **cache)
         quality = self.quality_head(out) if (need_quality and self.quality_head is not None) else None
-        return PrismOutput(logits=out.logits, quality=quality)
+        return PrismOutput(logits=out.logits, quality=quality, kv_cache=out.kv_cache)
 
 
 def build_model(model_cfg, head_cfg, vocab_size: int, with_head: bool) -> PrismModel:

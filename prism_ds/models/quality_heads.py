@@ -16,7 +16,13 @@ from prism_ds.models.zero_init import zeros_
 
 
 class QualityHead(nn.Module):
-    """Base class: forward(BackboneOutput) -> quality logits [B, L]."""
+    """Base class: forward(BackboneOutput) -> quality logits [B, L].
+
+    per_token: the quality of a position reads that position's hidden state only, so a KV-cached sampler
+    step that recomputes a slice of positions can score them (a head that attends across positions sets False).
+    """
+
+    per_token = True
 
     def forward(self, out: BackboneOutput) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

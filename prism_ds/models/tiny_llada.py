@@ -45,18 +45,21 @@ def _stdlib_corpus() -> list[str]:
     return [inspect.getsource(importlib.import_module(name)) for name in _CORPUS_MODULES]
 
 
-def build_tokenizer(out_dir: str | Path, bpe_vocab: int = 2048):
-    """Train the small BPE, pad the vocabulary to the official layout, add the specials; save and return it."""
+def build_tokenizer(out_dir: str | Path, bpe_vocab: int = 2048, compact: bool = False,
+                    corpus: list[str] | None = None):
+    """Train the small BPE (on `corpus`, default the standard library's source), pad the vocabulary to the
+    official layout (compact: no padding, the specials follow the BPE tokens), add the specials; save it."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trained.train_from_iterator(_stdlib_corpus(), trainers.BpeTrainer(
+    trained.train_from_iterator(corpus or _stdlib_corpus(), trainers.BpeTrainer(
         vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     spec = json.loads(trained.to_str())["model"]
     vocab = dict(spec["vocab"])
-    vocab |= {f"<|tiny_unused_{i}|>": i for i in range(len(vocab), FIRST_SPECIAL_ID)}  # inert: no merge makes them
+    if not compact:  # inert fillers (no merge makes them) put the specials at LLaDA's own ids
+        vocab |= {f"<|tiny_unused_{i}|>": i for i in range(len(vocab), FIRST_SPECIAL_ID)}
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -70,15 +73,16 @@ def build_tokenizer(out_dir: str | Path, bpe_vocab: int = 2048):
     return tok
 
 
-def tiny_config(d_model: int = 64, n_layers: int = 2, n_heads: int = 4, mlp_hidden_size: int = 128):
+def tiny_config(d_model: int = 64, n_layers: int = 2, n_heads: int = 4, mlp_hidden_size: int = 128,
+                vocab_rows: int = VOCAB_ROWS, mask_id: int = MASK_ID, eos_id: int = 126081):
     """The official config.json fields at a tiny size."""
     from prism_ds.models.llada import LLaDAConfig
 
-    official = {"activation_type": "silu", "alibi": False, "block_type": "llama", "embedding_size": VOCAB_ROWS,
-                "eos_token_id": 126081, "pad_token_id": 126081, "include_bias": False, "include_qkv_bias": False,
-                "layer_norm_type": "rms", "mask_token_id": MASK_ID, "max_sequence_length": 4096, "rope": True,
+    official = {"activation_type": "silu", "alibi": False, "block_type": "llama", "embedding_size": vocab_rows,
+                "eos_token_id": eos_id, "pad_token_id": eos_id, "include_bias": False, "include_qkv_bias": False,
+                "layer_norm_type": "rms", "mask_token_id": mask_id, "max_sequence_length": 4096, "rope": True,
                 "rope_full_precision": True, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "scale_logits": False,
-                "vocab_size": VOCAB_ROWS, "weight_tying": False, "architectures": ["LLaDAModelLM"]}
+                "vocab_size": vocab_rows, "weight_tying": False, "architectures": ["LLaDAModelLM"]}
     return LLaDAConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
                        mlp_hidden_size=mlp_hidden_size, **official)
 
@@ -112,14 +116,30 @@ def write_code_pairs(out_dir: str | Path, max_lines: int = 40, max_prompt_chars:
 
 
 def write_tiny_llada(out_dir: str | Path, seed: int = 0, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
-                     mlp_hidden_size: int = 128, max_shard_size: str = "20MB") -> Path:
-    """Write a random tiny LLaDA folder (config, sharded safetensors + index, tokenizer); returns its path."""
+                     mlp_hidden_size: int = 128, max_shard_size: str = "20MB", compact: bool = False,
+                     corpus: list[str] | None = None) -> Path:
+    """Write a random tiny LLaDA folder (config, sharded safetensors + index, tokenizer); returns its path.
+
+    compact: the vocabulary is the BPE's own plus the specials (a few thousand rows instead of 126464), for
+    models trained from scratch on CPU; ids then differ from LLaDA's, names and chat template do not.
+    """
     from prism_ds.models.llada import LLaDAModelLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out, compact=compact, corpus=corpus)
+    ids = {} if not compact else {"vocab_rows": -(-len(tok) // 64) * 64, "mask_id": tok.convert_tokens_to_ids(MASK),
+                                  "eos_id": tok.eos_token_id}
     torch.manual_seed(seed)
-    model = LLaDAModelLM(tiny_config(d_model, n_layers, n_heads, mlp_hidden_size))
+    model = LLaDAModelLM(tiny_config(d_model, n_layers, n_heads, mlp_hidden_size, **ids))
     model.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
-    build_tokenizer(out)
     return out
+
+
+def jsonl_corpus(path: str | Path) -> list[str]:
+    """Every string field of a JSONL file's rows (e.g. MBPP's problem texts and code), as a BPE corpus."""
+    texts = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+    return texts

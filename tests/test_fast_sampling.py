@@ -1,0 +1,148 @@
+"""KV-cached blockwise sampling (prefix and dual cache) and confidence-threshold decoding, with PRISM remasking."""
+import warnings
+
+import pytest
+import torch
+
+from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.schedules import BlockwiseSchedule
+from prism_ds.models.backbone import HFBackbone
+from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM
+from prism_ds.models.prism_model import PrismModel
+from prism_ds.models.quality_heads import build_quality_head
+
+MASK, V, PROMPT, GEN, BLOCK = 60, 64, 6, 16, 8
+
+
+def _model(seed=0, sharp=0.0):
+    torch.manual_seed(seed)
+    cfg = LLaDAConfig(d_model=32, n_heads=4, n_layers=2, mlp_hidden_size=64, vocab_size=V, embedding_size=V,
+                      mask_token_id=MASK)
+    base = LLaDAModelLM(cfg).eval()
+    if sharp:  # a confident model: large output weights make most proposals exceed a threshold
+        with torch.no_grad():
+            base.model.transformer.ff_out.weight.mul_(sharp)
+    head = build_quality_head("projection+linear", 32, None)
+    with torch.no_grad():
+        head.net[-1].weight.normal_()  # a non-constant quality, so the remask choice depends on it
+    return PrismModel(HFBackbone(base), head).eval()
+
+
+def _canvas(batch=6):
+    tokens = torch.full((batch, PROMPT + GEN), MASK)
+    tokens[:, :PROMPT] = torch.randint(0, 50, (batch, PROMPT), generator=torch.Generator().manual_seed(2))
+    fixed = torch.zeros_like(tokens, dtype=torch.bool)
+    fixed[:, :PROMPT] = True
+    return tokens, fixed
+
+
+def _sample(model, policy="prism", steps=8, k_block=2, **extras):
+    tokens, fixed = _canvas()
+    ex = SamplingExtras(history=[], calls=[], **extras)
+    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(PROMPT, GEN, BLOCK, k_block), policy=policy,
+                 unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0), extras=ex)
+    return tokens, out, ex
+
+
+def test_cache_off_is_the_blockwise_sampler_bit_for_bit():
+    model = _model()
+    _, plain, _ = _sample(model)
+    tokens, fixed = _canvas()
+    default = sample(model, tokens, fixed, MASK, 8, BlockwiseSchedule(PROMPT, GEN, BLOCK, 2), policy="prism",
+                     unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain, default)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cached_passes_compute_what_the_plan_says(mode):
+    model = _model()
+    start, out, ex = _sample(model, cache=mode)
+    length = PROMPT + GEN
+    per_block = 4  # 8 steps over 2 blocks
+    assert len(ex.calls) == 8  # one pass per step
+    for step, (rows, computed) in enumerate(ex.calls):
+        lo = PROMPT + (step // per_block) * BLOCK
+        if step % per_block == 0:
+            assert computed == (0, length)  # a block starts with a full pass that refills the cache
+        else:
+            assert computed == ((lo, length) if mode == "prefix" else (lo, lo + BLOCK))
+        assert rows == 6
+    # The prompt and finished blocks never change; exactly K_block remasks per block.
+    before, per_block_remasks = start, torch.zeros(6, 2, dtype=torch.long)
+    for step, (after, remasked, _) in enumerate(ex.history):
+        lo = PROMPT + (step // per_block) * BLOCK
+        assert torch.equal(after[:, :lo], before[:, :lo])
+        per_block_remasks[:, step // per_block] += remasked.sum(1)
+        before = after
+    assert (per_block_remasks == 2).all() and (out != MASK).all()
+
+
+def test_a_blocks_first_cached_step_gives_exactly_the_uncached_logits_and_later_steps_approximate_them():
+    model, seen = _model(), []
+    backbone = model.backbone.model
+
+    class Compare(torch.nn.Module):  # every cached pass is also run uncached, on the same state
+        supports_kv_cache = True
+
+        def forward(self, tokens, **kw):
+            out = model(tokens, **kw)
+            if "fill_cache" in kw or "fresh" in kw:
+                ref = model(tokens, need_logits=True, need_quality=False, logits_cols=kw["logits_cols"])
+                seen.append(("fresh" in kw, (out.logits - ref.logits).abs().mean().item()))
+            return out
+
+    _sample(Compare(), cache="prefix")
+    full = [d for cached, d in seen if not cached]
+    partial = [d for cached, d in seen if cached]
+    assert full and all(d == 0 for d in full)  # the refill pass is the uncached pass
+    assert partial and 0 < sum(partial) / len(partial) < 0.5  # stale prefix keys: a small approximation
+    assert backbone is model.backbone.model
+
+
+def test_cached_sampling_mostly_agrees_with_uncached_sampling():
+    model = _model()
+    _, plain, _ = _sample(model, policy="none")
+    gen = slice(PROMPT, None)
+    for mode in ("prefix", "dual"):
+        _, cached, _ = _sample(model, policy="none", cache=mode)
+        agree = (cached[:, gen] == plain[:, gen]).float().mean().item()
+        assert agree > 0.5, (mode, agree)
+
+
+def test_threshold_decoding_unmasks_every_confident_token_and_keeps_k_block_remasks():
+    model = _model(sharp=100.0)
+    start, out, ex = _sample(model, steps=16, k_block=2, threshold=0.6, cache="dual")
+    assert (out != MASK).all()
+    assert len(ex.calls) < 16  # blocks filled early skip their idle steps
+    per_block = torch.zeros(6, 2, dtype=torch.long)
+    for _, remasked, _ in ex.history:
+        rows, pos = remasked.nonzero(as_tuple=True)
+        per_block.index_put_((rows, (pos - PROMPT) // BLOCK), torch.ones_like(rows), accumulate=True)
+    assert (per_block == 2).all()  # K_block remasks in every block, as without a threshold
+    # A threshold step unmasked every masked token of its block that was above it (at least one).
+    assert max(u.sum(1).max().item() for _, _, u in ex.history) > 1
+
+
+def test_threshold_one_still_fills_each_block_and_bad_settings_are_named():
+    model = _model()
+    _, out, _ = _sample(model, steps=16, threshold=1.0)  # nothing exceeds 1: one token per step, all on close
+    assert (out != MASK).all()
+    with pytest.raises(ValueError, match=r"sampler.threshold=1.5 must be in \(0, 1\]"):
+        _sample(model, threshold=1.5)
+    with pytest.raises(ValueError, match="sampler.cache='triple'"):
+        _sample(model, cache="triple")
+
+
+def test_a_model_without_cache_support_warns_and_samples_uncached():
+    model = _model()
+
+    class NoCache(torch.nn.Module):
+        def forward(self, tokens, **kw):
+            return model(tokens, **kw)
+
+    with pytest.warns(UserWarning, match="no KV cache support"):
+        _, cached, _ = _sample(NoCache(), cache="dual")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, plain, _ = _sample(NoCache())
+    assert torch.equal(cached, plain)
