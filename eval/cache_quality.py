@@ -2,7 +2,8 @@
 
 On a trained model (default: the `llada_mbpp_cpu` recipe's export) and MBPP prompts, for each sampler mode
 (uncached, prefix cache, dual cache, dual cache + threshold) and policy (none, prism):
-- token agreement of the generated answers with the uncached sampler's (same policy, same seed);
+- the number of backbone passes, and token agreement of the generated answers with the uncached
+  sampler's (same policy, same seed);
 - the model's own per-token NLL of the generated answers (a pseudo-likelihood: the answer masked in 8
   interleaved groups, 8 passes), mean with a 95% interval over prompts, and paired against uncached;
 - at every cached pass, the mean |logit difference| to the uncached pass on the same state, and how
@@ -85,7 +86,7 @@ def main() -> None:
     for policy in ("none", "prism"):
         for mode, extra in tqdm(modes.items(), desc=f"modes ({policy})"):
             wrapped = _Compare(model)
-            filled, nll = [], []
+            filled, nll, calls = [], [], []
             for start in range(0, len(tasks), cfg.codeeval.batch_size):
                 tokens, fixed, attention, width = prompt_batch(tokenizer, tasks[start:start + cfg.codeeval.batch_size],
                                                                cfg, mask_id, "cpu")
@@ -94,26 +95,26 @@ def main() -> None:
                              BlockwiseSchedule(width, s.gen_length, s.block_length, s.k_block), policy=policy,
                              unmask_order=s.unmask_order, temperature=s.temperature,
                              generator=torch.Generator().manual_seed(start),
-                             extras=SamplingExtras(attention_mask=am, **extra))
+                             extras=SamplingExtras(attention_mask=am, calls=calls, **extra))
                 filled.append(out[:, width:])
                 nll.append(pseudo_nll(model, out, slice(width, None), mask_id, am))
             outputs[policy, mode], nll = torch.cat(filled), torch.cat(nll)
             base = outputs[policy, "uncached"]
             results[policy, mode] = {
-                "agreement": (outputs[policy, mode] == base).float().mean().item(),
+                "agreement": (outputs[policy, mode] == base).float().mean().item(), "passes": len(calls),
                 "nll": mean_ci95(nll), "nll_minus_uncached": mean_ci95(nll - results[policy, "uncached"]["_nll"])
                 if mode != "uncached" else (0.0, 0.0), "_nll": nll,
                 "logit_gap": sum(wrapped.gaps) / max(len(wrapped.gaps), 1),
                 "argmax_agree": sum(wrapped.agree) / max(len(wrapped.agree), 1) if wrapped.agree else None}
     print(f"{len(tasks)} MBPP prompts, {args.model}; gen {s.gen_length}, block {s.block_length}, {s.steps[0]} steps, "
           f"K_block {s.k_block}")
-    print("| policy | mode | tokens equal to uncached | own NLL / token (95%) | NLL - uncached (paired 95%) | "
+    print("| policy | mode | passes | tokens equal to uncached | own NLL / token (95%) | NLL - uncached (paired 95%) | "
           "mean abs logit gap (cached passes) | argmax agrees |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for (policy, mode), r in results.items():
         nll, diff = r["nll"], r["nll_minus_uncached"]
         gap = "" if r["argmax_agree"] is None else f"{r['logit_gap']:.4f} | {100 * r['argmax_agree']:.1f}%"
-        print(f"| {policy} | {mode} | {100 * r['agreement']:.1f}% | {nll[0]:.3f} ± {nll[1]:.3f} | "
+        print(f"| {policy} | {mode} | {r['passes']} | {100 * r['agreement']:.1f}% | {nll[0]:.3f} ± {nll[1]:.3f} | "
               f"{diff[0]:+.3f} ± {diff[1]:.3f} | {gap or '- | -'} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({f"{k[0]}|{k[1]}": {m: v for m, v in r.items() if m != "_nll"}

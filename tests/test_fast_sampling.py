@@ -146,3 +146,35 @@ def test_a_model_without_cache_support_warns_and_samples_uncached():
         warnings.simplefilter("error")
         _, plain, _ = _sample(NoCache())
     assert torch.equal(cached, plain)
+
+
+def _padded(pad):
+    """Two prompts, the second left-padded by `pad`: (tokens, fixed, attention_mask)."""
+    tokens, fixed = _canvas(2)
+    tokens[1, :pad] = 0
+    am = torch.ones_like(tokens)
+    am[1, :pad] = 0
+    return tokens, fixed, am
+
+
+@pytest.mark.parametrize("threshold", [None, 0.6])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("policy", ["none", "prism", "remdm", "remdm-conf"])
+def test_every_policy_runs_cached_with_padded_prompts_and_eos_stop(policy, cache, threshold):
+    model, pad = _model(sharp=100.0 if threshold else 0.0), 3
+    run = lambda tokens, fixed, prompt, **ex: sample(  # noqa: E731
+        model, tokens, fixed, MASK, 8, BlockwiseSchedule(prompt, GEN, BLOCK, 2), policy=policy,
+        unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0),
+        extras=SamplingExtras(cache=cache, threshold=threshold, **ex))
+    tokens, fixed, am = _padded(pad)
+    free = run(tokens, fixed, PROMPT, attention_mask=am)
+    eos = int(free[:, PROMPT:].flatten().mode().values)  # a token the model does produce, so rows do stop
+    out = run(tokens, fixed, PROMPT, attention_mask=am, eos_id=eos, stop_at_eos=True)
+    assert torch.equal(out[:, :PROMPT], tokens[:, :PROMPT]) and (out != MASK).all()
+    for row in out[:, PROMPT:]:
+        hits = (row == eos).nonzero().flatten()
+        if len(hits):  # everything after the block holding the first EOS is EOS
+            assert (row[(int(hits[0]) // BLOCK + 1) * BLOCK:] == eos).all()
+    if policy in ("none", "prism"):  # deterministic: the padded row is the same prompt sampled alone
+        alone = run(tokens[1:, pad:], fixed[1:, pad:], PROMPT - pad, attention_mask=None)
+        assert torch.equal(free[1, pad:], alone[0])

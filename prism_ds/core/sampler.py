@@ -114,6 +114,13 @@ def _pass(model, tok, rows, cols, policy, extras, mask_id, state: _KVState | Non
     return out.logits, quality
 
 
+def _stop_at_eos(tok, msk, window, eos_id: int):
+    """Rows whose just-closed window holds an EOS: every later mask becomes EOS and the row is done."""
+    done = ((tok == eos_id) & window).any(1)
+    tok = torch.where(done[:, None] & msk, torch.full_like(tok, eos_id), tok)
+    return tok, msk & ~done[:, None], done
+
+
 @torch.no_grad()
 def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_steps: int, schedule: Schedule,
            policy: str = "none", unmask_order: str = "random", temperature: float = 1.0, top_p: float = 1.0,
@@ -167,7 +174,12 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
             window = (int(plan.window.any(0).nonzero()[0]), int(plan.window.any(0).nonzero()[-1]))
             window_step = window_step + 1 if window == seen_window else 0  # steps into this window
             if not fillable.any() and (policy == "none" or window_step > 1):
-                continue  # the window is filled and its remask round is done: no pass until the next window
+                # The window is filled and its remask round is done: no pass until the next window, but a
+                # closing window still stops its rows at EOS.
+                if extras.stop_at_eos and plan.window_closes:
+                    tok, msk, done = _stop_at_eos(tok, msk, plan.window, extras.eos_id)
+                    tokens[rows], masked[rows], active[rows] = tok, msk, ~done
+                continue
             seen_window = window
             k = k_block if (policy != "none" and window_step == 1) else 0
             plan.remask_count = torch.full_like(plan.unmask, k)
@@ -203,9 +215,7 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         confidence[rows] = torch.where(unmask, proposal_prob, confidence[rows])
         done = torch.zeros_like(active[rows])
         if extras.stop_at_eos and plan.window_closes:
-            done = ((tok == extras.eos_id) & plan.window).any(1)  # the block just finished holds an EOS
-            tok = torch.where(done[:, None] & msk, torch.full_like(tok, extras.eos_id), tok)
-            msk = msk & ~done[:, None]
+            tok, msk, done = _stop_at_eos(tok, msk, plan.window, extras.eos_id)
         tokens[rows], masked[rows] = tok, msk
         # A filled row is finished, unless threshold decoding filled a block before its remask round.
         active[rows] = ~done & (msk.any(1) | (extras.threshold is not None))
