@@ -170,8 +170,11 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         plan = schedule.plan(step, num_steps, msk, clean, target[rows], remasking=policy != "none",
                              generator=generator)
         fillable = msk & plan.window
+        # Logits and tokens only in the window's columns: LLaDA projects one block of 32 to its 126k
+        # vocabulary, not the whole canvas.
+        cols = plan.window.any(0).nonzero().flatten()
         if extras.threshold is not None:
-            window = (int(plan.window.any(0).nonzero()[0]), int(plan.window.any(0).nonzero()[-1]))
+            window = (int(cols[0]), int(cols[-1]))
             window_step = window_step + 1 if window == seen_window else 0  # steps into this window
             if not fillable.any() and (policy == "none" or window_step > 1):
                 # The window is filled and its remask round is done: no pass until the next window, but a
@@ -183,9 +186,6 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
             seen_window = window
             k = k_block if (policy != "none" and window_step == 1) else 0
             plan.remask_count = torch.full_like(plan.unmask, k)
-        # Logits and tokens only in the window's columns: LLaDA projects one block of 32 to its 126k
-        # vocabulary, not the whole canvas.
-        cols = plan.window.any(0).nonzero().flatten()
         logits, quality = _pass(model, tok, rows, cols, policy, extras, mask_id, state)
         remask = torch.zeros_like(msk)
         if policy != "none":  # quality and confidence describe `tok` as it is now, before this step's changes

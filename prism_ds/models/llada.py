@@ -235,18 +235,18 @@ class LLaDAModelLM(PreTrainedModel):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()[:, None, None, :]  # keys only: padded queries still get (unused) outputs
-        stores = [[] for _ in t.blocks] if fill_cache else [None] * len(t.blocks)
+        store = [] if fill_cache else None  # every block appends its (keys, values), in order
         for i, block in enumerate(t.blocks):
             cache = None
             if fill_cache or fresh is not None:
                 past = (kv_cache.keys[i], kv_cache.values[i]) if fresh is not None else (None, None)
-                cache = (*past, lo, hi, stores[i])
+                cache = (*past, lo, hi, store)
             x = block(x, rope, mask, self.use_flash_attention, cache)
         h = t.ln_f(x)
         logits = None
         if return_logits:
             logits = t.ff_out(h if logits_cols is None else h[:, logits_cols - lo])
-        filled = KVCache([s[0][0] for s in stores], [s[0][1] for s in stores]) if fill_cache else None
+        filled = KVCache([k for k, _ in store], [v for _, v in store]) if fill_cache else None
         return LLaDAOutput(logits=logits, last_hidden_state=h, kv_cache=filled)
 
 
