@@ -178,3 +178,23 @@ def test_every_policy_runs_cached_with_padded_prompts_and_eos_stop(policy, cache
     if policy in ("none", "prism"):  # deterministic: the padded row is the same prompt sampled alone
         alone = run(tokens[1:, pad:], fixed[1:, pad:], PROMPT - pad, attention_mask=None)
         assert torch.equal(free[1, pad:], alone[0])
+
+
+@pytest.mark.parametrize("hi", [PROMPT + BLOCK, PROMPT + GEN])  # dual: the block; prefix: block and suffix
+def test_a_cached_pass_with_one_layer_is_exact_after_the_slice_changes(hi):
+    # With one layer, a position's keys and values depend on its own token only: a pass that recomputes
+    # the changed slice and reads the rest from the cache must equal a full pass on the new tokens.
+    torch.manual_seed(0)
+    cfg = LLaDAConfig(d_model=32, n_heads=4, n_layers=1, mlp_hidden_size=64, vocab_size=V, embedding_size=V,
+                      mask_token_id=MASK)
+    model = LLaDAModelLM(cfg).eval()
+    before, _ = _canvas(2)
+    after = before.clone()
+    after[:, PROMPT:PROMPT + 4] = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = model(before, fill_cache=True).kv_cache
+        cols = torch.arange(PROMPT, PROMPT + BLOCK)
+        cached = model(after, kv_cache=cache, fresh=(PROMPT, hi), logits_cols=cols).logits
+        full = model(after, logits_cols=cols).logits
+    assert torch.allclose(cached, full, atol=1e-5)
+    assert not torch.allclose(model(before, logits_cols=cols).logits, full, atol=1e-3)  # the change matters

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from helpers import LLADA_REFERENCE
-from prism_ds.config import ConfigError, LoraConfig, ModelConfig
+from prism_ds.config import ConfigError, LoraConfig, ModelConfig, TextDataConfig
 from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM, RMSNorm, apply_rope, rope_tables
 from prism_ds.models.loading import add_lora, load_pretrained, mask_token_id
+from prism_ds.models.tiny_llada import jsonl_corpus, write_tiny_llada
+from prism_ds.text.tokenizer import load_tokenizer
 
 needs_reference = pytest.mark.skipif(not LLADA_REFERENCE.exists(), reason=f"{LLADA_REFERENCE} not present")
 
@@ -257,3 +259,24 @@ def test_activation_checkpointing_recomputes_each_block_in_backward(tiny_llada):
     assert len(calls) == 4  # each block ran again in backward
     assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
     assert isinstance(model.model.transformer.blocks[0], LLaDABlock)
+
+
+def test_a_compact_tiny_llada_from_a_jsonl_corpus_keeps_the_special_tokens_consistent(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"text": f"Write a function f{i}.", "code": f"def f{i}(x):\n    return x + {i}\n", "task_id": i}
+            for i in range(50)]
+    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    texts = jsonl_corpus(corpus)
+    assert len(texts) == 100  # the string fields only
+    folder = write_tiny_llada(tmp_path / "model", compact=True, corpus=texts)
+    config = json.loads((folder / "config.json").read_text())
+    tok = load_tokenizer(TextDataConfig(tokenizer=str(folder)))
+    assert config["vocab_size"] < 4096 and config["vocab_size"] >= len(tok)
+    assert tok.convert_tokens_to_ids("<|mdm_mask|>") == config["mask_token_id"] == mask_token_id(str(folder), tok)
+    assert tok.convert_tokens_to_ids("<|eot_id|>") < config["vocab_size"]
+    assert tok.eos_token_id == config["eos_token_id"]
+    corpus.write_text(json.dumps(rows[0]) + "\nnot json\n")
+    with pytest.raises(ValueError, match=r"corpus.jsonl, line 2: not a JSON object"):
+        jsonl_corpus(corpus)
+    with pytest.raises(FileNotFoundError, match="--corpus .*missing.jsonl: no such file"):
+        jsonl_corpus(tmp_path / "missing.jsonl")

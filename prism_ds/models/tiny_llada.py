@@ -138,8 +138,16 @@ def write_tiny_llada(out_dir: str | Path, seed: int = 0, d_model: int = 64, n_la
 
 def jsonl_corpus(path: str | Path) -> list[str]:
     """Every string field of a JSONL file's rows (e.g. MBPP's problem texts and code), as a BPE corpus."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--corpus {path}: no such file")
     texts = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
-            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not a JSON object ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: not a JSON object")
+            texts += [v for v in row.values() if isinstance(v, str)]
     return texts
