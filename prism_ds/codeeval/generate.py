@@ -22,7 +22,7 @@ from prism_ds.codeeval.extract import complete_program, extract_code
 from prism_ds.codeeval.tasks import CodeTask, check_benchmark, load_tasks, select
 from prism_ds.config import RunConfig, to_dict
 from prism_ds.core.remask import parse_variant
-from prism_ds.core.sampler import CACHE_MODES, SamplingExtras, sample
+from prism_ds.core.sampler import SamplingExtras, check_fast_sampling, sample
 from prism_ds.core.schedules import BlockwiseSchedule
 
 SETTING_KEYS = ("gen_length", "block_length", "steps", "k_block", "policies", "unmask_order", "temperature",
@@ -68,10 +68,7 @@ def _check(cfg: RunConfig) -> None:
                          f"{s.policies} must each have one value (the sweep command runs several)")
     _, count = parse_variant(s.policies[0], s.remask_count)
     BlockwiseSchedule(0, s.gen_length, s.block_length, s.k_block, count).steps_per_block(s.steps[0])
-    if s.cache not in CACHE_MODES:
-        raise ValueError(f"sampler.cache={s.cache!r}: expected one of {CACHE_MODES}")
-    if not 0 <= s.threshold <= 1:
-        raise ValueError(f"sampler.threshold={s.threshold} must be in (0, 1] (0 turns threshold decoding off)")
+    check_fast_sampling(s.cache, s.threshold or None)  # before the model loads
     if cfg.codeeval.n_samples < 1 or cfg.codeeval.batch_size < 1:
         raise ValueError("codeeval.n_samples and codeeval.batch_size must be >= 1")
 

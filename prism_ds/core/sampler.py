@@ -60,6 +60,14 @@ class SamplingExtras:
 CACHE_MODES = ("none", "prefix", "dual")
 
 
+def check_fast_sampling(cache: str, threshold: float | None) -> None:
+    """Raise a ValueError naming the setting when the cache mode or the threshold is not valid."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"sampler.cache={cache!r}: expected one of {CACHE_MODES}")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"sampler.threshold={threshold} must be in (0, 1] (0 in a config turns it off)")
+
+
 def _forward(model, tokens, policy: str, extras: SamplingExtras, attention_mask, cfg_mask, mask_id: int,
              cols: torch.Tensor | None, **cache):
     """Logits at `cols` (all positions when None; guided when cfg_scale > 0) and quality, in one batched pass."""
@@ -137,10 +145,7 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         raise ValueError("sampler.stop_at_eos needs the tokenizer's EOS id (SamplingExtras.eos_id)")
     if extras.cfg_scale > 0 and extras.cfg_mask is None:
         raise ValueError("sampler.cfg_scale > 0 needs the positions to mask for the unconditional pass (cfg_mask)")
-    if extras.cache not in CACHE_MODES:
-        raise ValueError(f"sampler.cache={extras.cache!r}: expected one of {CACHE_MODES}")
-    if extras.threshold is not None and not 0 < extras.threshold <= 1:
-        raise ValueError(f"sampler.threshold={extras.threshold} must be in (0, 1]")
+    check_fast_sampling(extras.cache, extras.threshold)
     seen_window, window_step, k_block = None, 0, 0
     if extras.threshold is not None:
         if getattr(schedule, "k_block", None) is None:
