@@ -22,20 +22,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The backbone: prism-ds's DiT (sizes below; vocabulary and length come from the data), or a
-    pretrained Hugging Face folder (`kind: llada`, or `hf` for any MDM with its own remote code)."""
+    """The backbone: prism-ds's DiT (sizes below; vocabulary and length come from the data), an MDLM
+    checkpoint loaded into it (`kind: mdlm`: a kuleshov-group/mdlm-owt folder or a Lightning .ckpt at
+    `path`; sizes from the checkpoint), or a pretrained Hugging Face folder (`kind: llada`, or `hf` for any
+    MDM with its own remote code)."""
 
-    kind: str = "dit"  # dit | llada | hf
+    kind: str = "dit"  # dit | mdlm | llada | hf
     hidden: int = 128
     n_blocks: int = 4
     n_heads: int = 4
     cond_dim: int = 64
     mlp_ratio: int = 4
     dropout: float = 0.0
-    path: str = ""  # llada / hf: the pretrained folder (config.json, safetensors shards, tokenizer files)
+    path: str = ""  # mdlm / llada / hf: the pretrained folder (config.json, weights, tokenizer files); mdlm: or a .ckpt
+    use_ema: bool = True  # mdlm .ckpt: load its EMA weights when it has them
     dtype: str = "auto"  # llada / hf: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    attention: str = "sdpa"  # llada: sdpa | flash (flash-attn on GPU for unpadded batches, else SDPA)
-    gradient_checkpointing: bool = False  # llada / hf: recompute each block in backward
+    attention: str = "sdpa"  # sdpa | flash (flash-attn on GPU in bf16 for unpadded batches, else SDPA)
+    gradient_checkpointing: bool = False  # recompute each block in backward (activation checkpointing)
     trust_remote_code: bool = False  # hf: run the folder's own modeling code
 
 
@@ -138,6 +141,9 @@ class TextDataConfig:
     shuffle_buffer: int = 0  # 0 keeps file order
     seed: int = 0
     heldout_source: str = ""  # prompt/solution file(s) for the head's calibration; empty = no calibration
+    # task=packed_text (MDLM's OpenWebText): documents wrapped with BOS/EOS, cut into max_length sequences.
+    text_field: str = "text"  # the document column of JSONL/parquet rows (a .txt file is one document)
+    heldout_docs: int = 0  # the stream's first N documents are held out (validation loss, MAUVE references)
 
 
 @dataclass
@@ -166,6 +172,16 @@ class SamplerConfig:
     stop_at_eos: bool = False  # stop a sample once a finished block holds EOS (the rest is EOS)
     cache: str = "none"  # none | prefix | dual: KV cache of the LLaDA backbone (Fast-dLLM style)
     threshold: float = 0.0  # > 0: unmask every masked token of the block above this confidence (at least one)
+    # Algorithm 2 (OWT) and the loop samplers; "policy:count/loop" rows (see core/schedules).
+    remask_start: float = 0.0  # l_on as a fraction of N: nothing is remasked before step ceil(remask_start * N)
+    eta_steps: float = 0.0  # > 0: eta = eta_steps / N (the paper's OWT rule uses 2.56); 0 uses `eta`
+    eta_cap: bool = True  # binomial rate min(eta, sigma_max) as the authors' code; false: eta (Algorithm 2 as printed)
+    loop_m: int = 20  # PRISM-loop: positions remasked uniformly at random and refilled per loop step
+    loop_fraction: float = 0.5  # PRISM-loop: share of the N steps spent in the terminal loop
+    loop_t_on: float = 0.55  # ReMDM-loop: the loop runs while t_off < t <= t_on (t from 1 to 0)
+    loop_t_off: float = 0.05
+    loop_alpha_on: float = 0.9  # ReMDM-loop: share of tokens unmasked when the loop starts (held during it)
+    loop_eta: float = 0.02  # ReMDM-loop: per-token remask probability in the loop
 
 
 @dataclass
@@ -185,6 +201,20 @@ class CodeEvalConfig:
 
 
 @dataclass
+class TextEvalConfig:
+    """Unconditional text generation scored as the paper's Table 2 (MAUVE, gen-PPL, entropy)."""
+
+    n_samples: int = 5000  # samples per (policy, N) cell
+    batch_size: int = 32  # sequences per sampler batch
+    scorer: str = "gpt2-large"  # causal LM folder (or hub name) for generative perplexity
+    scorer_batch_size: int = 8
+    featurizer: str = "gpt2-large"  # MAUVE's featuriser model folder (or hub name): mauve-text's default
+    mauve_references: int = 5000  # held-out documents that are MAUVE's human text
+    out_dir: str = ""  # empty = <run_dir>/text_eval
+    scorer_steps: int = 600  # the CPU text demo: training steps of the small GPT-2 it trains as scorer/featuriser
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; recipes are YAML files with this shape."""
 
@@ -195,13 +225,14 @@ class RunConfig:
     quality_head: QualityHeadConfig = field(default_factory=QualityHeadConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     prism: PrismConfig = field(default_factory=PrismConfig)
-    task: str = "sudoku"  # sudoku | text (prompt/solution pairs)
+    task: str = "sudoku"  # sudoku | text (prompt/solution pairs) | packed_text (documents, MDLM/OWT)
     data: SudokuDataConfig = field(default_factory=SudokuDataConfig)
     text: TextDataConfig = field(default_factory=TextDataConfig)
     pretrain: StageConfig = field(default_factory=StageConfig)
     finetune: StageConfig = field(default_factory=StageConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     codeeval: CodeEvalConfig = field(default_factory=CodeEvalConfig)
+    text_eval: TextEvalConfig = field(default_factory=TextEvalConfig)
 
 
 def _coerce(value, tp, source: str, key: str):

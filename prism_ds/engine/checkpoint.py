@@ -124,32 +124,39 @@ def backbone_file(path: str | Path) -> Path:
 
 def load_weights_into(module: torch.nn.Module, file: Path) -> None:
     """Strictly load a safetensors file into `module`, one tensor at a time (ZeRO-3 partitions included)."""
+    with safe_open(str(file), framework="pt") as f:
+        _load_tensors(module, set(f.keys()), lambda n: tuple(f.get_slice(n).get_shape()), f.get_tensor, str(file))
+
+
+def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load an in-memory state dict into `module` (ZeRO-3 partitions included); errors name `source`."""
+    _load_tensors(module, set(state), lambda n: tuple(state[n].shape), state.__getitem__, source)
+
+
+def _load_tensors(module: torch.nn.Module, names: set[str], shape_of, get, source: str) -> None:
     import deepspeed
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    with safe_open(str(file), framework="pt") as f:
-        names = set(f.keys())
-        own = dict(module.named_parameters()) | dict(module.named_buffers())
-        persistent = set(module.state_dict().keys())
-        missing, unexpected = sorted(persistent - names), sorted(names - persistent)
-        if missing or unexpected:
-            raise ValueError(f"{file} does not fit this model.* config (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
-        # Every rank checks every shape before the first gather, so no rank raises while others wait in one.
-        for name in sorted(persistent):
-            want, got = tuple(getattr(own[name], "ds_shape", own[name].shape)), tuple(f.get_slice(name).get_shape())
-            if want != got:
-                raise ValueError(f"{file}: {name} has shape {got} but this model.* config builds {want}")
-        for name in sorted(persistent):
-            target = own[name]
-            partitioned = hasattr(target, "ds_id")
-            # Gather one tensor at a time so no rank ever holds the whole model; rank 0 writes it.
-            with deepspeed.zero.GatheredParameters([target], modifier_rank=0, enabled=partitioned):
-                if partitioned and rank != 0:
-                    continue
-                value = f.get_tensor(name)
-                with torch.no_grad():
-                    target.copy_(value)
+    own = dict(module.named_parameters()) | dict(module.named_buffers())
+    persistent = set(module.state_dict().keys())
+    missing, unexpected = sorted(persistent - names), sorted(names - persistent)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model.* config (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    # Every rank checks every shape before the first gather, so no rank raises while others wait in one.
+    for name in sorted(persistent):
+        want, got = tuple(getattr(own[name], "ds_shape", own[name].shape)), shape_of(name)
+        if want != got:
+            raise ValueError(f"{source}: {name} has shape {got} but this model.* config builds {want}")
+    for name in sorted(persistent):
+        target = own[name]
+        partitioned = hasattr(target, "ds_id")
+        # Gather one tensor at a time so no rank ever holds the whole model; rank 0 writes it.
+        with deepspeed.zero.GatheredParameters([target], modifier_rank=0, enabled=partitioned):
+            if partitioned and rank != 0:
+                continue
+            with torch.no_grad():
+                target.copy_(get(name))
 
 
 def load_backbone(model: torch.nn.Module, path: str | Path) -> None:
@@ -178,7 +185,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapt
     from prism_ds.models.backbone import HFBackbone
     from prism_ds.models.prism_model import PrismModel, build_model
 
+    from prism_ds.models import mdlm
+
     path = Path(path)
+    if mdlm.is_mdlm(path):  # a released MDLM folder or .ckpt: the bare DiT with SUBS logits
+        cfg = RunConfig(task="packed_text")
+        cfg.model.kind, cfg.model.path = "mdlm", str(path)
+        dims = mdlm.dims_of(str(path))
+        model = build_model(cfg.model, cfg.quality_head, dims.vocab_size, with_head=False, mask_id=dims.vocab_size - 1)
+        mdlm.load_into(model.backbone, path, cfg.model.use_ema)
+        return model.to(device).eval(), cfg
     if not (path / "meta.json").exists():
         kind = "llada" if read_config_json(path).get("model_type") == "llada" else "hf"
         cfg = RunConfig(task="text")
@@ -187,9 +203,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapt
     meta = read_meta(path)
     cfg = load_config(str(path / "config.yaml"))
     has_head = (path / "quality_head.safetensors").exists()
-    if cfg.model.kind == "dit":
-        model = build_model(cfg.model, cfg.quality_head, meta["vocab_size"], with_head=has_head)
-        load_backbone(model, path)
+    if cfg.model.kind in ("dit", "mdlm"):
+        model = build_model(cfg.model, cfg.quality_head, meta["vocab_size"], with_head=has_head,
+                            mask_id=meta.get("mask_id"))
+        base = meta.get("base_backbone")
+        if not (path / "backbone.safetensors").exists() and base and mdlm.is_mdlm(base):
+            mdlm.load_into(model.backbone, base, cfg.model.use_ema)  # a frozen MDLM backbone
+        else:
+            load_backbone(model, path)
     else:
         cfg.model.path = meta.get("base_backbone", cfg.model.path)  # resolved at export time
         base = load_pretrained(cfg.model)

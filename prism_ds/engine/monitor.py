@@ -144,6 +144,11 @@ class Monitor:
             self.writer.add_figure("calibration/reliability", reliability_figure(probs, labels, n_bins), step)
         return scalars
 
+    def log_validation(self, step: int, mdm_loss: float) -> None:
+        """The MDM loss on the held-out sequences (same masks every time, so points are comparable)."""
+        if self.writer is not None:
+            self.writer.add_scalar("validation/mdm_loss", mdm_loss, step)
+
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
         if self.writer is not None:

@@ -37,7 +37,7 @@ def signature(cfg: RunConfig, stage: str, vocab_size: int, world_size: int) -> d
 
 
 # Keys that do not change what a stage trains: reusing or resuming across a change to them is fine.
-_BOOKKEEPING = {"run_dir", "sampler", "codeeval", "data.eval_csv", "data.n_eval", "data.blanks",
+_BOOKKEEPING = {"run_dir", "sampler", "codeeval", "text_eval", "data.eval_csv", "data.n_eval", "data.blanks",
                 "text.heldout_source", "model.attention", "model.gradient_checkpointing", "model.dtype"}
 _STAGE_BOOKKEEPING = ("log_every", "calib_every", "ckpt_every", "keep_last", "resume", "peak_tflops")
 

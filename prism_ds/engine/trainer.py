@@ -43,11 +43,13 @@ def _check_stage(cfg: RunConfig, stage: str) -> None:
                           "(fine-tuning reads finetune.init_from)")
     if stage == "pretrain" and s.freeze_backbone:
         raise ConfigError("pretrain.freeze_backbone=true leaves nothing to train")
-    if cfg.model.kind not in ("dit", "llada", "hf"):
-        raise ConfigError(f"model.kind={cfg.model.kind!r}: expected dit, llada or hf")
-    if cfg.model.kind != "dit" and cfg.task != "text":
-        raise ConfigError(f"model.kind={cfg.model.kind} trains on task=text (task=sudoku is for the DiT)")
-    if cfg.lora.r > 0 and cfg.model.kind == "dit":
+    if cfg.model.kind not in ("dit", "mdlm", "llada", "hf"):
+        raise ConfigError(f"model.kind={cfg.model.kind!r}: expected dit, mdlm, llada or hf")
+    if cfg.model.kind in ("llada", "hf") and cfg.task != "text":
+        raise ConfigError(f"model.kind={cfg.model.kind} trains on task=text (prompt/solution pairs)")
+    if cfg.model.kind == "mdlm" and cfg.task != "packed_text":
+        raise ConfigError("model.kind=mdlm trains on task=packed_text (documents, as MDLM was pretrained)")
+    if cfg.lora.r > 0 and cfg.model.kind in ("dit", "mdlm"):
         raise ConfigError("lora.r > 0 needs a pretrained Hugging Face backbone (model.kind=llada or hf)")
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every", "calib_every", "keep_last"):
         if getattr(s, key) < 1:
@@ -103,35 +105,56 @@ def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.
 
     s = getattr(cfg, stage)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    if cfg.model.kind != "dit":  # a pretrained folder, or (fine-tuning) this run's pretraining export over it
+    if cfg.model.kind in ("llada", "hf"):  # a pretrained folder, or (fine-tuning) this run's pretraining export over it
         from prism_ds.models.loading import build_pretrained_model
 
         init = _hf_init(cfg) if stage == "finetune" else None
         return build_pretrained_model(cfg, stage == "finetune", not s.freeze_backbone, ds_config, init)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
-        model = build_model(cfg.model, cfg.quality_head, task.vocab_size, with_head=stage == "finetune")
-    if stage == "finetune":
-        load_backbone(model, s.init_from or stage_dir(cfg, "pretrain") / "final")
-        model.backbone.requires_grad_(not s.freeze_backbone)
+        model = build_model(cfg.model, cfg.quality_head, task.vocab_size, with_head=stage == "finetune",
+                            mask_id=task.mask_id)
+    init = _dit_init(cfg, stage)
+    if init is not None:
+        load_backbone(model, init)
+    elif cfg.model.kind == "mdlm":  # the released MDLM weights
+        from prism_ds.models.mdlm import load_into
+
+        load_into(model.backbone, cfg.model.path, cfg.model.use_ema)
+    model.backbone.requires_grad_(not s.freeze_backbone)
     return model
 
 
+def _dit_init(cfg: RunConfig, stage: str) -> Path | None:
+    """The export a DiT stage starts from: fine-tuning reads finetune.init_from or this run's pretraining
+    (required for kind=dit; for kind=mdlm only when it exists, else the MDLM checkpoint itself)."""
+    if stage != "finetune":
+        return None
+    init = Path(cfg.finetune.init_from or stage_dir(cfg, "pretrain") / "final")
+    if cfg.model.kind == "mdlm" and not cfg.finetune.init_from and not (init / "meta.json").exists():
+        return None
+    return init
+
+
 @torch.no_grad()
-def _heldout_quality(model, batch: Batch, cfg: RunConfig, task: Task, chunk: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quality logits and labels on the held-out set, in micro-batch chunks, with the same z and y every time."""
+def _heldout(model, batch: Batch, cfg: RunConfig, task: Task, chunk: int, mode: str
+             ) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+    """(MDM loss, quality logits, labels) on the held-out set, in micro-batch chunks, with the same z and y every
+    time; quality and labels only in PRISM mode."""
     model.eval()
     gen = torch.Generator(device=batch.x.device).manual_seed(cfg.seed + 99991)
-    quality, label = [], []
+    quality, label, mdm = [], [], 0.0
     for i in range(0, len(batch.x), chunk):
-        out = compute_losses(model, batch.x[i:i + chunk], batch.fixed[i:i + chunk], task.mask_id, "prism",
+        out = compute_losses(model, batch.x[i:i + chunk], batch.fixed[i:i + chunk], task.mask_id, mode,
                              cfg.masking, cfg.prism, lengths=batch.lengths[i:i + chunk], generator=gen,
                              allowed_tokens=task.allowed_tokens)
+        mdm += out.mdm.item() * len(batch.x[i:i + chunk])
         quality.append(out.quality)
         label.append(out.label)
     model.train()
-    return torch.cat(quality), torch.cat(label)
+    if mode != "prism":
+        return mdm / len(batch.x), None, None
+    return mdm / len(batch.x), torch.cat(quality), torch.cat(label)
 
 
 def finished_export(cfg: RunConfig, stage: str, overwrite: bool = False) -> Path | None:
@@ -171,7 +194,11 @@ def init_fingerprint(cfg: RunConfig, stage: str) -> str | None:
     (hashing 16 GB would take minutes). None for pretraining."""
     if stage != "finetune":
         return None
-    if cfg.model.kind != "dit":
+    if cfg.model.kind == "mdlm" and _dit_init(cfg, stage) is None:
+        p = Path(cfg.model.path)
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin"))
+        return content_hash([], str([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]))
+    if cfg.model.kind in ("llada", "hf"):
         init = _hf_init(cfg)
         if init is not None:
             return content_hash([init / "backbone.safetensors"])
@@ -254,9 +281,10 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
                       backbone_trains=any(p.requires_grad for p in engine.module.backbone.parameters()))
     if state is not None:
         monitor.load_state_dict(state["monitor"])
-    heldout = task.heldout.to(device) if (task.heldout is not None and mode == "prism") else None
-    meta = {"stage": stage, "vocab_size": task.vocab_size, "params": n_params, "trainable": n_trainable,
-            "init": init_fingerprint(cfg, stage)}
+    # Held-out sequences: validation MDM loss in both stages, and the head's calibration when fine-tuning.
+    heldout = task.heldout.to(device) if task.heldout is not None else None
+    meta = {"stage": stage, "vocab_size": task.vocab_size, "mask_id": task.mask_id, "params": n_params,
+            "trainable": n_trainable, "init": init_fingerprint(cfg, stage)}
 
     def checkpoint(step: int) -> None:
         rank_state = {"source": task.source.state_dict(), "mask_generator": mask_gen.get_state(),
@@ -292,8 +320,10 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logged.items()
                                  if k.startswith(("loss", "quality/auroc"))})
             if heldout is not None and (step % s.calib_every == 0 or step == s.steps):
-                monitor.log_calibration(step, *_heldout_quality(engine.module, heldout, cfg, task,
-                                                                  s.micro_batch_size))
+                val, quality, label = _heldout(engine.module, heldout, cfg, task, s.micro_batch_size, mode)
+                monitor.log_validation(step, val)
+                if mode == "prism":
+                    monitor.log_calibration(step, quality, label)
             stop = _any_rank(interrupt.requested, device)  # all ranks save and stop together
             if step % s.ckpt_every == 0 or step == s.steps or stop:
                 checkpoint(step)
@@ -301,8 +331,8 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
                 monitor.close()
                 raise KeyboardInterrupt(f"{stage} interrupted at step {step}; checkpoint saved to {ckpt_dir}; "
                                         f"run the same command again to resume")
-    if cfg.model.kind == "dit":
-        base = (s.init_from or stage_dir(cfg, "pretrain") / "final") if s.freeze_backbone else None
+    if cfg.model.kind in ("dit", "mdlm"):  # a frozen backbone stays where it came from (an export or MDLM's file)
+        base = (_dit_init(cfg, stage) or cfg.model.path) if s.freeze_backbone else None
     else:  # a pretrained folder is the base; only adapters (or a fully trained backbone) are written
         base = cfg.model.path
         init = _hf_init(cfg) if stage == "finetune" else None

@@ -50,11 +50,23 @@ class PrismModel(nn.Module):
         return PrismOutput(logits=out.logits, quality=quality, kv_cache=out.kv_cache)
 
 
-def build_model(model_cfg, head_cfg, vocab_size: int, with_head: bool) -> PrismModel:
-    """Build the DiT backbone (and the configured quality head when with_head); pretrained Hugging Face
-    backbones are built by prism_ds.models.loading.build_pretrained_model."""
-    backbone = DiT(vocab_size=vocab_size, hidden=model_cfg.hidden, n_blocks=model_cfg.n_blocks,
-                   n_heads=model_cfg.n_heads, cond_dim=model_cfg.cond_dim, mlp_ratio=model_cfg.mlp_ratio,
-                   dropout=model_cfg.dropout)
-    head = build_quality_head(head_cfg.kind, model_cfg.hidden, model_cfg.cond_dim) if with_head else None
+def build_model(model_cfg, head_cfg, vocab_size: int, with_head: bool, mask_id: int | None = None) -> PrismModel:
+    """The DiT backbone (sizes from model.*, or from the MDLM checkpoint at model.path for kind=mdlm; its weights
+    are loaded separately) and the configured quality head when with_head. mask_id turns on SUBS logits.
+    Pretrained Hugging Face backbones are built by prism_ds.models.loading.build_pretrained_model."""
+    dims = (model_cfg.hidden, model_cfg.n_blocks, model_cfg.n_heads, model_cfg.cond_dim, model_cfg.mlp_ratio)
+    if model_cfg.kind == "mdlm":
+        from prism_ds.models.mdlm import dims_of
+
+        d = dims_of(model_cfg.path)
+        if d.vocab_size != vocab_size:
+            raise ValueError(f"model.path={model_cfg.path}: the checkpoint embeds {d.vocab_size} tokens, the data "
+                             f"{vocab_size}")
+        dims = (d.hidden, d.n_blocks, d.n_heads, d.cond_dim, 4)
+    hidden, n_blocks, n_heads, cond_dim, mlp_ratio = dims
+    backbone = DiT(vocab_size=vocab_size, hidden=hidden, n_blocks=n_blocks, n_heads=n_heads, cond_dim=cond_dim,
+                   mlp_ratio=mlp_ratio, dropout=model_cfg.dropout, mask_id=mask_id,
+                   gradient_checkpointing=model_cfg.gradient_checkpointing, use_flash=model_cfg.attention == "flash")
+    head = build_quality_head(head_cfg.kind, hidden, cond_dim, n_heads=n_heads,
+                              dropout=model_cfg.dropout) if with_head else None
     return PrismModel(backbone, head)
