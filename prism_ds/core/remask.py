@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from prism_ds.core.sampling_utils import select_top
-from prism_ds.core.schedules import REMASK_COUNTS
+from prism_ds.core.schedules import REMASK_COUNTS, SCHEDULE_KINDS
 
 POLICIES = ("none", "prism", "remdm", "remdm-conf")
 
@@ -57,11 +57,39 @@ def choose_remask(priority: torch.Tensor, eligible: torch.Tensor, count: torch.T
     return (torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64) < p) & eligible
 
 
-def parse_variant(spec: str, default_count: str = "fixed") -> tuple[str, str]:
-    """A sampler row "policy" or "policy:count" (e.g. "remdm:binomial", ReMDM-cap) -> (policy, count)."""
-    policy, _, count = spec.partition(":")
-    count = count or default_count
+def parse_row(spec: str, default_count: str = "fixed") -> tuple[str, str, str]:
+    """A sampler row "policy[:count][/schedule]" (e.g. "prism:binomial/loop") -> (policy, count, schedule kind).
+
+    The schedule kind is one of SCHEDULE_KINDS, "even" when left out. A loop needs a remasking policy, and
+    "remdm-loop" has its own count rule (binomial at sampler.loop_eta), so its count is always "binomial".
+    """
+    head, slash, kind = spec.partition("/")
+    if slash and kind not in SCHEDULE_KINDS:
+        raise ValueError(f"sampler.policies: {spec!r}: schedule {kind!r} is not one of {SCHEDULE_KINDS}")
+    kind = kind or "even"
+    policy, _, explicit = head.partition(":")
+    count = explicit or default_count
     check_policy(policy)
     if count not in REMASK_COUNTS:
         raise ValueError(f"sampler.policies: {spec!r}: remask count {count!r} is not one of {REMASK_COUNTS}")
+    if kind != "even" and policy == "none":
+        raise ValueError(f"sampler.policies: {spec!r}: policy 'none' remasks nothing, so a /{kind} schedule "
+                         f"needs a remasking policy")
+    if kind == "remdm-loop":
+        if explicit and explicit != "binomial":
+            raise ValueError(f"sampler.policies: {spec!r}: remdm-loop draws its own binomial counts "
+                             f"(sampler.loop_eta); remask count {explicit!r} does not apply")
+        count = "binomial"
+    return policy, count, kind
+
+
+def parse_variant(spec: str, default_count: str = "fixed") -> tuple[str, str]:
+    """A sampler row "policy" or "policy:count" (e.g. "remdm:binomial", ReMDM-cap) -> (policy, count).
+
+    For samplers with a fixed schedule (blockwise): a "/schedule" suffix is an error; see parse_row.
+    """
+    if "/" in spec:
+        raise ValueError(f"sampler.policies: {spec!r}: this sampler takes no /schedule (only the even-family "
+                         f"samplers, e.g. Sudoku and OWT, take {SCHEDULE_KINDS})")
+    policy, count, _ = parse_row(spec, default_count)
     return policy, count

@@ -42,7 +42,8 @@ class SamplingExtras:
         unmask (< 1 delays EOS, as LLaDA's sampler can); forbid EOS with allowed_tokens instead.
     stop_at_eos: when a window (block) closes with an EOS in it, fill every later mask with EOS and stop
         the row: its remaining blocks could only be EOS.
-    history: a list that receives, per step, (tokens after the step, remasked, unmasked) of every row.
+    history: a list that receives, per step, (tokens after the step, remasked, unmasked) of every row; a loop
+        step's tokens remasked before the pass count as remasked and, refilled, as unmasked.
     """
 
     attention_mask: torch.Tensor | None = None
@@ -174,6 +175,11 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         clean = ~msk & ~fix
         plan = schedule.plan(step, num_steps, msk, clean, target[rows], remasking=policy != "none",
                              generator=generator)
+        pre = torch.zeros_like(msk)
+        if plan.pre_remask is not None:  # loop steps: remask uniformly at random before the pass, refill from it
+            pre = choose_remask(torch.zeros(msk.shape, dtype=torch.float64, device=msk.device), clean & plan.window,
+                                plan.pre_remask, None, generator)
+            tok, msk, clean = tok.masked_fill(pre, mask_id), msk | pre, clean & ~pre
         fillable = msk & plan.window
         # Logits and tokens only in the window's columns: LLaDA projects one block of 32 to its 126k
         # vocabulary, not the whole canvas.
@@ -196,19 +202,22 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         if policy != "none":  # quality and confidence describe `tok` as it is now, before this step's changes
             remask = choose_remask(remask_priority(policy, quality, confidence[rows]), clean & plan.window,
                                    plan.remask_count, plan.remask_rate, generator)
-        logits = logits.double()
+        # Draw only where a token can be unmasked: the float64 Gumbel and nucleus sort over the vocabulary
+        # are the step's largest cost (at OWT's 50k vocabulary, more than the forward pass).
+        r, c = fillable[:, cols].nonzero(as_tuple=True)
+        logits = logits[r, c].double()
         logits[..., mask_id] = float("-inf")  # a sampled token is never the mask
         if allowed_tokens is not None:  # e.g. only digits may fill a Sudoku cell
             logits[..., ~allowed_tokens] = float("-inf")
         drawn, drawn_prob = sample_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
         proposal, proposal_prob = tok.clone(), torch.zeros(tok.shape, dtype=torch.float64, device=tok.device)
-        proposal[:, cols], proposal_prob[:, cols] = drawn, drawn_prob
+        proposal[r, cols[c]], proposal_prob[r, cols[c]] = drawn, drawn_prob
         rank_prob = proposal_prob
         if extras.eos_id is not None and extras.eos_confidence != 1.0:
             rank_prob = torch.where(proposal == extras.eos_id, proposal_prob * extras.eos_confidence, proposal_prob)
         # fillable holds the masks before this step's remasking: a token remasked now waits a step.
         if extras.threshold is None:
-            n_unmask = torch.minimum(plan.unmask + remask.sum(1), fillable.sum(1))
+            n_unmask = torch.minimum(plan.unmask + pre.sum(1) + remask.sum(1), fillable.sum(1))
         elif plan.window_closes:  # the window's last step fills it whatever the confidence
             n_unmask = fillable.sum(1)
         else:
@@ -222,10 +231,12 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         if extras.stop_at_eos and plan.window_closes:
             tok, msk, done = _stop_at_eos(tok, msk, plan.window, extras.eos_id)
         tokens[rows], masked[rows] = tok, msk
-        # A filled row is finished, unless threshold decoding filled a block before its remask round.
-        active[rows] = ~done & (msk.any(1) | (extras.threshold is not None))
+        # A filled row is finished, unless threshold decoding filled a block before its remask round or loop
+        # steps follow.
+        refining = extras.threshold is not None or schedule.refines_complete(step + 1, num_steps)
+        active[rows] = ~done & (msk.any(1) | refining)
         if extras.history is not None:
             full_remask, full_unmask = torch.zeros_like(masked), torch.zeros_like(masked)
-            full_remask[rows], full_unmask[rows] = remask, unmask
+            full_remask[rows], full_unmask[rows] = remask | pre, unmask
             extras.history.append((tokens.clone(), full_remask, full_unmask))
     return tokens

@@ -13,9 +13,9 @@ from tqdm import tqdm
 
 from prism_ds.config import RunConfig, SamplerConfig, to_dict
 from prism_ds.core.metrics import mean_ci95
-from prism_ds.core.remask import parse_variant
+from prism_ds.core.remask import parse_row
 from prism_ds.core.sampler import sample
-from prism_ds.core.schedules import EvenSchedule
+from prism_ds.core.schedules import even_family_schedule
 from prism_ds.sudoku.board import MASK_ID, BoardSpec, is_solved
 
 # Sampler keys that choose which cells exist (not how a cell is computed): left out of the cache key.
@@ -27,11 +27,11 @@ def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, variant: st
           seed: int | None = None, progress: bool = False) -> torch.Tensor:
     """Fill the blanks of `puzzles` [N, L] in `steps` sampler steps; clues and separators stay fixed.
 
-    variant: a remask policy, optionally with its count rule ("remdm:binomial"); seed: default cfg.seed.
+    variant: a sampler row "policy[:count][/schedule]" ("remdm:binomial", "prism/loop"); seed: default cfg.seed.
     """
-    policy, count = parse_variant(variant, cfg.remask_count)
+    policy, count, kind = parse_row(variant, cfg.remask_count)
     gen = torch.Generator(device=puzzles.device).manual_seed(cfg.seed if seed is None else seed)
-    schedule = EvenSchedule(remask_count=count, remask_k=cfg.remask_k, eta=cfg.eta)
+    schedule = even_family_schedule(kind, count, cfg, steps)
     outs = []
     for start in range(0, len(puzzles), cfg.batch_size):
         batch = puzzles[start:start + cfg.batch_size]
@@ -45,8 +45,10 @@ def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, variant: st
 def success_table(model, spec: BoardSpec, puzzles: torch.Tensor, cfg: SamplerConfig, results_path: str | Path,
                   progress: bool = True) -> list[dict]:
     """One row per (steps, variant, seed) in cfg; finished cells are read back from results_path (JSONL)."""
-    for variant in cfg.policies:
-        parse_variant(variant, cfg.remask_count)  # fail before any sampling
+    for variant in cfg.policies:  # fail before any sampling
+        _, count, kind = parse_row(variant, cfg.remask_count)
+        for steps in cfg.steps:
+            even_family_schedule(kind, count, cfg, steps)
     if cfg.n_seeds < 1:
         raise ValueError(f"sampler.n_seeds={cfg.n_seeds} must be >= 1")
     results_path = Path(results_path)
@@ -89,8 +91,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {v} | " + " | ".join(f"{100 * stats[v, s][0]:.1f} ± {100 * stats[v, s][1]:.1f}"
                                              for s in steps) + " |")
     lines.append(f"\nCells: % solved, mean over {n_seeds} sampler seed(s) ± 95% interval over puzzles.")
-    baselines = [v for v in variants if parse_variant(v)[0] not in ("prism", "none")]
-    for prism in (v for v in variants if parse_variant(v)[0] == "prism"):
+    baselines = [v for v in variants if parse_row(v)[0] not in ("prism", "none")]
+    for prism in (v for v in variants if parse_row(v)[0] == "prism"):
         for s in steps if baselines else []:
             best = max(baselines, key=lambda v: stats[v, s][0])
             lead, half = mean_ci95(_per_puzzle(rows, s, prism) - _per_puzzle(rows, s, best))

@@ -4,6 +4,12 @@ A schedule answers one question per step, so new samplers are new schedules plug
 loop, not new loops:
   EvenSchedule       (even.py) Algorithms 2 and 3: unmasking spread evenly over all steps (Sudoku, OWT)
   BlockwiseSchedule  (blockwise.py) LLaDA's semi-autoregressive blocks with K_block remasks per block
+  LoopSchedule       (loop.py) PRISM-loop (Algorithm 4): an even-schedule generation, then loop steps that
+                     remask M random tokens before the pass and refill them from it
+  RemdmLoopSchedule  (loop.py) ReMDM-loop (Wang et al. 2025): unmask to alpha_on, hold the masked count
+                     while remasking and refilling, then finish
+even_family_schedule() builds the even / loop / remdm-loop schedule of a sampler row from SamplerConfig
+and N (rows are "policy[:count][/schedule]", see core/remask.parse_row).
 *Which* tokens are remasked is the policy's business (core/remask.py); *how many* is the schedule's:
   fixed      K per step (Algorithm 3), or K_block per block (blockwise)
   binomial   K ~ Binomial(#clean, sigma_t), sigma_t = min(eta, sigma_max) (ReMDM-cap; Algorithm 2 when capped)
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 REMASK_COUNTS = ("fixed", "binomial", "per-token")
+SCHEDULE_KINDS = ("even", "loop", "remdm-loop")  # the "/schedule" of a sampler row
 
 
 @dataclass
@@ -31,6 +38,9 @@ class StepPlan:
     remask_count: torch.Tensor | None = None  # [B] long: remask exactly this many (fewer if fewer are clean)
     remask_rate: torch.Tensor | None = None  # [B] float: per-token draws at this total rate
     window_closes: bool = False  # the last step of a window (a block): everything in it is filled after this step
+    # [B] long: clean tokens of the window to remask uniformly at random *before* the pass (PRISM-loop steps);
+    # they are refilled from that same pass, on top of `unmask`.
+    pre_remask: torch.Tensor | None = None
 
 
 class Schedule:
@@ -41,6 +51,10 @@ class Schedule:
         """masked / clean: [B, L] bool non-fixed positions that are masked / filled; target: [B] positions to
         generate in total; remasking: False for vanilla sampling, where nothing is remasked."""
         raise NotImplementedError
+
+    def refines_complete(self, step: int, num_steps: int) -> bool:
+        """Whether a row with nothing left to unmask must still take step `step` or a later one (loop steps)."""
+        return False
 
 
 def sigma_max(step: int, num_steps: int) -> float:
@@ -60,5 +74,7 @@ def unmask_scores(order: str, token_probs: torch.Tensor, generator: torch.Genera
 
 from prism_ds.core.schedules.blockwise import BlockwiseSchedule  # noqa: E402 - needs the names above
 from prism_ds.core.schedules.even import EvenSchedule  # noqa: E402
+from prism_ds.core.schedules.loop import LoopSchedule, RemdmLoopSchedule, even_family_schedule  # noqa: E402
 
-__all__ = ["REMASK_COUNTS", "StepPlan", "Schedule", "sigma_max", "unmask_scores", "BlockwiseSchedule", "EvenSchedule"]
+__all__ = ["REMASK_COUNTS", "SCHEDULE_KINDS", "StepPlan", "Schedule", "sigma_max", "unmask_scores",
+           "BlockwiseSchedule", "EvenSchedule", "LoopSchedule", "RemdmLoopSchedule", "even_family_schedule"]

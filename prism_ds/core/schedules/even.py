@@ -11,10 +11,12 @@ class EvenSchedule(Schedule):
 
     Counted remasking (fixed / binomial K) is active only while K < #generated < #target - K, as in the
     authors' code; no rule remasks before `start_step` (l_on) or on the last step, so the sequence is
-    complete after exactly num_steps steps.
+    complete after exactly num_steps steps. The binomial rate is min(eta, sigma_max) with `cap` (the
+    authors' code, ReMDM-cap) and eta itself without it (Algorithm 2 as printed).
     """
 
-    def __init__(self, remask_count: str = "fixed", remask_k: int = 0, eta: float = 1.0, start_step: int = 0):
+    def __init__(self, remask_count: str = "fixed", remask_k: int = 0, eta: float = 1.0, start_step: int = 0,
+                 cap: bool = True):
         if remask_count not in REMASK_COUNTS:
             raise ValueError(f"sampler.remask_count={remask_count!r}: expected one of {REMASK_COUNTS}")
         if remask_k < 0:
@@ -22,6 +24,7 @@ class EvenSchedule(Schedule):
         if remask_count == "binomial" and not 0 < eta <= 1:
             raise ValueError(f"sampler.eta={eta} must be in (0, 1]")
         self.remask_count, self.remask_k, self.eta, self.start_step = remask_count, remask_k, eta, start_step
+        self.cap = cap
 
     def plan(self, step: int, num_steps: int, masked: torch.Tensor, clean: torch.Tensor, target: torch.Tensor,
              remasking: bool, generator: torch.Generator | None = None) -> StepPlan:
@@ -39,7 +42,8 @@ class EvenSchedule(Schedule):
         if self.remask_count == "fixed":
             k = torch.full_like(base, self.remask_k)
         else:
-            rate = torch.full(base.shape, min(self.eta, sigma), device=base.device, dtype=torch.float64)
+            rate = torch.full(base.shape, min(self.eta, sigma) if self.cap else self.eta, device=base.device,
+                              dtype=torch.float64)
             k = torch.binomial(clean.sum(1).double(), rate, generator=generator).long()
         generated = target - n_masked
         active = on & (k > 0) & (generated > k) & (generated < target - k)
