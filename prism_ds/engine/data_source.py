@@ -2,8 +2,8 @@
 
 A source is an endless, resumable iterator of `Batch`es for one rank: `next_batch()`, and
 `state_dict()` / `load_state_dict()` to continue at exactly the next batch after a restart.
-`build_task` picks the source of a run (`task: sudoku | text`) with its vocabulary, mask token and a
-held-out batch for the quality head's calibration.
+`build_task` picks the source of a run (`task: sudoku | text | packed_text`) with its vocabulary, mask
+token and a held-out batch for the quality head's calibration.
 """
 from __future__ import annotations
 
@@ -70,20 +70,21 @@ class BoardBatches:
 
 
 class TextBatches:
-    """Prompt/solution micro-batches streamed through HF datasets, sharded by rank."""
+    """Text micro-batches streamed through HF datasets, sharded by rank (prompt/solution or packed documents)."""
 
     def __init__(self, stream):
         self.stream, self._iter = stream, None
 
     def next_batch(self) -> Batch:
-        """The next micro-batch of this rank's shard (prompt tokens fixed, loss normalised by answer length)."""
+        """The next micro-batch of this rank's shard (prompt tokens fixed, loss normalised by answer length;
+        packed documents: nothing fixed, normalised by L)."""
         if self._iter is None:
             self._iter = iter(self.stream)
         return _text_batch(next(self._iter))
 
     def counters(self) -> dict[str, int]:
-        """Over-long samples so far on this rank (truncated or dropped, by text.overlong) and the tokens cut."""
-        return {k: self.stream.stats[k] for k in ("truncated", "truncated_tokens", "dropped")}
+        """The stream's counts so far on this rank (over-long samples; packed: documents, held-out skips)."""
+        return self.stream.counters()
 
     def state_dict(self) -> dict:
         """The stream's exact position."""
@@ -162,10 +163,43 @@ def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int
     return Task(TextBatches(stream), heldout, vocab_size, mask_id, text.max_length, text.max_length - 1, allowed)
 
 
+def _packed_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int, progress: bool) -> Task:
+    """MDLM-style packed documents (OpenWebText): every position maskable, loss normalised by L."""
+    from dataclasses import replace
+
+    from prism_ds.text.packed_data import PackedTextStream, heldout_sequences
+    from prism_ds.text.tokenizer import load_tokenizer, special_ids
+
+    text, kind = cfg.text, cfg.model.kind
+    if kind == "mdlm" and not text.tokenizer:  # an MDLM folder carries its (GPT-2) tokenizer
+        text = replace(text, tokenizer=cfg.model.path)
+    tokenizer = load_tokenizer(text)
+    if kind == "dit":
+        vocab_size, mask_id, _ = special_ids(tokenizer)
+    elif kind == "mdlm":
+        from prism_ds.models.mdlm import vocab_and_mask
+
+        vocab_size, mask_id = vocab_and_mask(cfg.model.path, tokenizer)  # raises when they do not match
+    else:
+        raise ConfigError(f"model.kind={kind!r}: task=packed_text trains a 'dit' or an 'mdlm' checkpoint")
+    # Sampling (and so y) proposes real tokens only: never the mask, nor embedding rows past the tokenizer.
+    allowed = torch.arange(vocab_size) < len(tokenizer)
+    allowed[mask_id] = False
+    stream = PackedTextStream(text, tokenizer, micro_batch_size, rank=rank, world_size=world_size,
+                              progress=progress and rank == 0)
+    L, heldout = text.max_length, None
+    if text.heldout_docs > 0:
+        x = heldout_sequences(text, tokenizer, HELDOUT_SAMPLES)
+        heldout = Batch(x, torch.zeros_like(x, dtype=torch.bool), torch.full((len(x),), float(L)))
+    return Task(TextBatches(stream), heldout, vocab_size, mask_id, L, L, allowed)
+
+
 def build_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int, progress: bool = True) -> Task:
     """The training data of `cfg.task` for this rank."""
     if cfg.task == "sudoku":
         return _sudoku_task(cfg, micro_batch_size, rank, progress)
     if cfg.task == "text":
         return _text_task(cfg, micro_batch_size, rank, world_size)
-    raise ConfigError(f"task={cfg.task!r}: expected 'sudoku' or 'text'")
+    if cfg.task == "packed_text":
+        return _packed_task(cfg, micro_batch_size, rank, world_size, progress)
+    raise ConfigError(f"task={cfg.task!r}: expected 'sudoku', 'text' or 'packed_text'")

@@ -6,6 +6,9 @@ followed by solution tokens + EOS (the answer). `padding: eos` pads every sequen
 EOS counted as answer (LLaDA); `padding: bucket` sorts a pool of samples by length and pads each
 micro-batch only to its own longest sequence. The stream is endless (epochs re-shuffle with
 seed + epoch) and resumes exactly: `state_dict()` is the position right after the last yielded batch.
+
+`RowStream` is the part every text stream shares (sources, HF streaming, rank shards, epochs, exact
+resume, errors naming file and row); `packed_data.PackedTextStream` (MDLM-style documents) builds on it.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ import torch
 from prism_ds.config import ConfigError, TextDataConfig
 from prism_ds.text.tokenizer import encode_prompt, load_tokenizer, special_ids
 
-__all__ = ["TextBatch", "PromptSolutionStream", "load_tokenizer", "special_ids", "resolve_source"]
+__all__ = ["TextBatch", "RowStream", "PromptSolutionStream", "load_tokenizer", "special_ids", "resolve_source"]
 
 JSON_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_EXT = (".parquet",)
+TEXT_EXT = (".txt",)  # documents only: each file is one document
 _CHUNK = 1 << 24  # bytes per read of the UTF-8 scan
 
 
@@ -45,11 +49,24 @@ class _RowError(ValueError):
     """A bad row; the stream adds the file and row where it is."""
 
 
-def resolve_source(source: str) -> tuple[str | None, list[str]]:
-    """("json" | "parquet", files) for local sources, or (None, [name]) for a hub dataset name."""
+def _builder(path: str, documents: bool) -> str | None:
+    """The HF builder that reads a local file ("json", "parquet", "text"), None when unsupported."""
+    if path.endswith(PARQUET_EXT):
+        return "parquet"
+    if path.endswith(JSON_EXT):
+        return "json"
+    return "text" if documents and path.endswith(TEXT_EXT) else None
+
+
+def resolve_source(source: str, documents: bool = False) -> tuple[str | None, list[str]]:
+    """("json" | "parquet" | "text", files) for local sources, or (None, [name]) for a hub dataset name.
+
+    `documents` also accepts .txt files (one document per file, builder "text")."""
+    exts = JSON_EXT + PARQUET_EXT + (TEXT_EXT if documents else ())
+    kinds_text = ".jsonl, .json, .parquet" + (" or .txt" if documents else "")
     parts = [p.strip() for p in source.split(",") if p.strip()]
     if not parts:
-        raise ConfigError("text.source: empty; set a JSONL/parquet path, glob or comma-separated list, or a hub name")
+        raise ConfigError(f"text.source: empty; set a {kinds_text} path, glob or comma-separated list, or a hub name")
     files: list[str] = []
     for part in parts:
         path = Path(part).expanduser()
@@ -59,22 +76,22 @@ def resolve_source(source: str) -> tuple[str | None, list[str]]:
                 raise ConfigError(f"text.source: no files match {part!r}")
             files += hits
         elif path.is_dir():
-            hits = sorted(str(f) for f in path.iterdir() if f.name.endswith(JSON_EXT + PARQUET_EXT))
+            hits = sorted(str(f) for f in path.iterdir() if f.name.endswith(exts))
             if not hits:
-                raise ConfigError(f"text.source: directory {part!r} has no .jsonl/.json/.parquet files")
+                raise ConfigError(f"text.source: directory {part!r} has no {kinds_text} files")
             files += hits
         elif path.is_file():
             files.append(str(path))
-        elif len(parts) == 1 and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", part) and not part.endswith(JSON_EXT + PARQUET_EXT):
+        elif len(parts) == 1 and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", part) and not part.endswith(exts):
             return None, [part]  # not a local path: a hub dataset (needs network)
         else:
             raise ConfigError(f"text.source: file {part!r} does not exist")
-    kinds = {"parquet" if f.endswith(PARQUET_EXT) else "json" if f.endswith(JSON_EXT) else None for f in files}
+    kinds = {_builder(f, documents) for f in files}
     if None in kinds:
-        bad = [f for f in files if not f.endswith(JSON_EXT + PARQUET_EXT)]
-        raise ConfigError(f"text.source: unsupported file type {bad[0]!r} (expected .jsonl, .json or .parquet)")
+        bad = [f for f in files if _builder(f, documents) is None]
+        raise ConfigError(f"text.source: unsupported file type {bad[0]!r} (expected {kinds_text})")
     if len(kinds) > 1:
-        raise ConfigError("text.source: mixes JSONL and parquet files; use one format")
+        raise ConfigError(f"text.source: mixes {' and '.join(sorted(kinds))} files; use one format")
     return kinds.pop(), files
 
 
@@ -102,7 +119,9 @@ def check_utf8(path: str) -> None:
 def _local_rows(builder: str, files: list[str]) -> Iterator[tuple[str, dict]]:
     """(where, row) for every row of local files in file order; where is 'file, line N' or 'file, row N'."""
     for path in files:
-        if builder == "json":
+        if builder == "text":
+            yield path, {"text": Path(path).read_text(encoding="utf-8", errors="replace")}
+        elif builder == "json":
             with open(path, encoding="utf-8", errors="replace") as f:
                 for n, text in enumerate(f, 1):
                     if text.strip():
@@ -132,15 +151,33 @@ def _text(value, what: str) -> str:
     return value
 
 
+def missing_columns(row: dict, need: list[str]) -> _RowError | None:
+    """The error for a row lacking some of `need` (naming the columns it has), None when complete."""
+    missing = [k for k in need if row.get(k) is None]
+    if not missing:
+        return None
+    present = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
+    return _RowError(f"missing column(s) {', '.join(map(repr, missing))}; columns present: {present}")
+
+
+def check_stream_args(cfg: TextDataConfig, micro_batch_size: int, rank: int, world_size: int, min_length: int) -> None:
+    """ConfigError for the text.* settings every stream uses; ValueError for a bad batch size or rank."""
+    for key, low in (("max_length", min_length), ("shuffle_buffer", 0)):
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"text.{key}: must be >= {low}, got {getattr(cfg, key)}")
+    if micro_batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}")
+
+
 def _check_config(cfg: TextDataConfig, micro_batch_size: int, rank: int, world_size: int) -> None:
-    """ConfigError for unusable text.* settings."""
+    """ConfigError for unusable prompt/solution text.* settings."""
     if cfg.overlong not in ("truncate", "drop"):
         raise ConfigError(f"text.overlong: expected 'truncate' or 'drop', got {cfg.overlong!r}")
     if cfg.padding not in ("eos", "bucket"):
         raise ConfigError(f"text.padding: expected 'eos' or 'bucket', got {cfg.padding!r}")
-    for key, low in (("max_length", 2), ("bucket_pool", 1), ("shuffle_buffer", 0)):
-        if getattr(cfg, key) < low:
-            raise ConfigError(f"text.{key}: must be >= {low}, got {getattr(cfg, key)}")
+    if cfg.bucket_pool < 1:
+        raise ConfigError(f"text.bucket_pool: must be >= 1, got {cfg.bucket_pool}")
+    check_stream_args(cfg, micro_batch_size, rank, world_size, min_length=2)
     try:
         cfg.template.format(prompt="")
     except (KeyError, IndexError, ValueError) as e:
@@ -149,30 +186,25 @@ def _check_config(cfg: TextDataConfig, micro_batch_size: int, rank: int, world_s
         for key in ("prompt_field", "solution_field"):
             if not getattr(cfg, key):
                 raise ConfigError(f"text.{key}: empty (or set text.messages_field for chat rows)")
-    if micro_batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}")
 
 
-class PromptSolutionStream:
-    """Endless, exactly resumable micro-batches of one rank's shard of prompt/solution rows."""
+class RowStream:
+    """Endless, exactly resumable rows of one rank's shard of `text.source`, epoch after epoch.
 
-    def __init__(self, cfg: TextDataConfig, tokenizer, micro_batch_size: int, rank: int = 0, world_size: int = 1):
-        _check_config(cfg, micro_batch_size, rank, world_size)
-        self.cfg, self.tokenizer, self.micro_batch_size = cfg, tokenizer, micro_batch_size
-        self.rank, self.world_size = rank, world_size
-        if tokenizer.eos_token_id is None:
-            raise ConfigError("text.tokenizer: tokenizer has no eos_token (needed to end and pad answers)")
-        self.eos_id = int(tokenizer.eos_token_id)
-        self.builder, self.files = resolve_source(cfg.source)
-        if self.builder == "json":
+    Subclasses define `_check_row(row)` (raises _RowError for a bad row): errors then name the first bad
+    file and row of a local source. The position is (epoch, rows consumed in it, HF's iterator state).
+    """
+
+    def __init__(self, cfg: TextDataConfig, rank: int = 0, world_size: int = 1, documents: bool = False,
+                 scan_utf8: bool = True):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.builder, self.files = resolve_source(cfg.source, documents=documents)
+        if scan_utf8 and self.builder in ("json", "text"):  # a reader of only the first rows skips the full scan
             for path in self.files:
                 check_utf8(path)
         self._dataset = self._build_dataset()
-        self.stats = {"samples": 0, "truncated": 0, "truncated_tokens": 0, "dropped": 0, "pad_tokens": 0, "tokens": 0}
-        # Position: epoch, raw rows consumed in it, HF's iterator state (no-shuffle case), pool leftovers.
+        # Position: epoch, raw rows consumed in it, HF's iterator state (no-shuffle case).
         self._epoch, self._consumed, self._hf_state, self._live = 0, 0, None, False
-        self._pending: list[list[tuple[list[int], list[int]]]] = []
-        self._pools = 0
 
     def _build_dataset(self):
         """This rank's streaming HF dataset (sharded, then shuffled with a buffer when asked)."""
@@ -185,9 +217,11 @@ class PromptSolutionStream:
         # Local files: HF would still ping the hub to count a download, which stalls seconds offline.
         counts = hf_config.HF_UPDATE_DOWNLOAD_COUNTS
         hf_config.HF_UPDATE_DOWNLOAD_COUNTS = counts and not self.builder
+        extra = {"sample_by": "document"} if self.builder == "text" else {}  # a .txt file is one row
         try:
             if self.builder:
-                ds = load_dataset(self.builder, data_files={cfg.split: self.files}, split=cfg.split, streaming=True)
+                ds = load_dataset(self.builder, data_files={cfg.split: self.files}, split=cfg.split, streaming=True,
+                                  **extra)
             else:
                 ds = load_dataset(self.files[0], cfg.subset or None, split=cfg.split, streaming=True)
         except (FileNotFoundError, ConnectionError) as e:
@@ -204,61 +238,18 @@ class PromptSolutionStream:
             ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)  # seed + epoch after set_epoch
         return ds
 
-    # ---- rows -> token samples
+    def _check_row(self, row: dict) -> object:
+        """Raise _RowError for a row this stream cannot use."""
+        raise NotImplementedError
 
-    def _fields(self, row: dict) -> tuple[list[dict], str, str]:
-        """(prompt messages, plain prompt text, solution) of one row; raises _RowError."""
-        cfg = self.cfg
-        need = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.solution_field]
-        missing = [k for k in need if row.get(k) is None]
-        if missing:
-            present = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
-            raise _RowError(f"missing column(s) {', '.join(map(repr, missing))}; columns present: {present}")
-        if not cfg.messages_field:
-            prompt = _text(row[cfg.prompt_field], f"prompt (column {cfg.prompt_field!r})")
-            solution = _text(row[cfg.solution_field], f"solution (column {cfg.solution_field!r})")
-            return [{"role": "user", "content": prompt}], prompt, solution
-        msgs = row[cfg.messages_field]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise _RowError(f"column {cfg.messages_field!r} must be a list of {{role, content}} messages")
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if last is None:
-            raise _RowError(f"no assistant message (the solution) in column {cfg.messages_field!r}")
-        solution = _text(msgs[last]["content"], f"solution (last assistant message of {cfg.messages_field!r})")
-        prompt_msgs = [{"role": m["role"], "content": m["content"] or ""} for m in msgs[:last]]
-        plain = "\n\n".join(str(m["content"]) for m in prompt_msgs)
-        _text(plain, f"prompt (messages before the last assistant one in {cfg.messages_field!r})")
-        return prompt_msgs, plain, solution
-
-    def _encode(self, row: dict) -> tuple[list[int], list[int]] | None:
-        """(prompt ids, answer ids incl. EOS) of a row, None when over-long and dropped."""
-        try:
-            msgs, plain, solution = self._fields(row)
-        except _RowError as e:
-            raise ValueError(f"{self._locate(e)}") from None
-        tok, L = self.tokenizer, self.cfg.max_length
-        prompt = encode_prompt(tok, msgs, self.cfg.template.format(prompt=plain))
-        answer = tok(solution, add_special_tokens=False)["input_ids"] + [self.eos_id]
-        if len(prompt) + len(answer) > L:
-            if self.cfg.overlong == "truncate" and len(prompt) >= L:  # no answer token would be left to train on
-                raise ValueError(f"{self._where(row)}: the prompt alone is {len(prompt)} tokens, not shorter than "
-                                 f"text.max_length={L}; raise text.max_length, or set text.overlong=drop to skip "
-                                 f"such rows")
-            if self.cfg.overlong == "drop":
-                self.stats["dropped"] += 1
-                return None
-            self.stats["truncated"] += 1
-            self.stats["truncated_tokens"] += len(prompt) + len(answer) - L
-            answer = answer[:L - len(prompt)]  # cut answer (it then has no EOS: the text goes on)
-        self.stats["samples"] += 1
-        return list(prompt), answer
+    # ---- errors
 
     def _locate(self, err: _RowError) -> str:
         """'file, line N: message' of the first local row with a problem, else the stream position."""
         if self.builder:
             for where, row in _local_rows(self.builder, self.files):
                 try:
-                    self._fields(row)
+                    self._check_row(row)
                 except _RowError as e:
                     return f"{where}: {e}"
         return (f"{self.cfg.source}, example {self._consumed} of rank {self.rank}'s shard "
@@ -274,12 +265,15 @@ class PromptSolutionStream:
 
     def _read_error(self, exc: Exception) -> ValueError:
         """A reader failure as a ValueError naming the bad file:line when it can be found."""
+        if self.builder in ("json", "text"):
+            for path in self.files:  # raises at the first non-UTF-8 byte
+                check_utf8(path)
         if self.builder == "json":
             for _ in _local_rows(self.builder, self.files):  # raises at the first invalid JSON line
                 pass
         return ValueError(f"text.source: cannot read {self.cfg.source!r}: {exc}")
 
-    # ---- the stream
+    # ---- rows and position
 
     def _raw(self) -> Iterator[dict]:
         """Endless rows of this rank's shard, epoch after epoch, from the saved position."""
@@ -310,6 +304,99 @@ class PromptSolutionStream:
                 raise ValueError(f"text.source: rank {self.rank} of {self.world_size} got no rows from "
                                  f"{self.cfg.source!r}")
             self._epoch, self._consumed, self._hf_state, self._live = self._epoch + 1, 0, None, False
+
+    def _start(self) -> Iterator[dict]:
+        """Rows from the current position (what __iter__ of a subclass reads)."""
+        self._hf_state, self._live = self._hf_position(), False
+        return self._raw()
+
+    def _hf_position(self) -> dict | None:
+        """HF's iterator state right after the last row read (no-shuffle case only)."""
+        if self.cfg.shuffle_buffer == 0 and self._live:
+            return copy.deepcopy(self._dataset.state_dict())  # the paused iterator sits right after that row
+        return copy.deepcopy(self._hf_state)
+
+    def _position(self) -> dict:
+        """The row position part of state_dict()."""
+        return {"version": 1, "kind": type(self).__name__, "rank": self.rank, "world_size": self.world_size,
+                "epoch": self._epoch, "consumed": self._consumed, "hf_state": self._hf_position()}
+
+    def _load_position(self, state: dict) -> None:
+        """Restore the row position of a state_dict() (checks it is this kind of stream and this shard)."""
+        if state.get("kind", "PromptSolutionStream") != type(self).__name__:
+            raise ValueError(f"text stream state is of a {state.get('kind')}, not a {type(self).__name__}: "
+                             "the run's task changed")
+        if (state.get("rank"), state.get("world_size")) != (self.rank, self.world_size):
+            raise ValueError(f"text stream state is for rank {state.get('rank')} of {state.get('world_size')}, "
+                             f"not rank {self.rank} of {self.world_size}: the shards differ")
+        self._epoch, self._consumed = state["epoch"], state["consumed"]
+        self._hf_state, self._live = copy.deepcopy(state["hf_state"]), False
+
+
+class PromptSolutionStream(RowStream):
+    """Endless, exactly resumable micro-batches of one rank's shard of prompt/solution rows."""
+
+    def __init__(self, cfg: TextDataConfig, tokenizer, micro_batch_size: int, rank: int = 0, world_size: int = 1):
+        _check_config(cfg, micro_batch_size, rank, world_size)
+        self.tokenizer, self.micro_batch_size = tokenizer, micro_batch_size
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("text.tokenizer: tokenizer has no eos_token (needed to end and pad answers)")
+        self.eos_id = int(tokenizer.eos_token_id)
+        super().__init__(cfg, rank, world_size)
+        self.stats = {"samples": 0, "truncated": 0, "truncated_tokens": 0, "dropped": 0, "pad_tokens": 0, "tokens": 0}
+        self._pending: list[list[tuple[list[int], list[int]]]] = []  # bucket mode: the pool's queued batches
+        self._pools = 0
+
+    # ---- rows -> token samples
+
+    def _fields(self, row: dict) -> tuple[list[dict], str, str]:
+        """(prompt messages, plain prompt text, solution) of one row; raises _RowError."""
+        cfg = self.cfg
+        need = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.solution_field]
+        if (err := missing_columns(row, need)) is not None:
+            raise err
+        if not cfg.messages_field:
+            prompt = _text(row[cfg.prompt_field], f"prompt (column {cfg.prompt_field!r})")
+            solution = _text(row[cfg.solution_field], f"solution (column {cfg.solution_field!r})")
+            return [{"role": "user", "content": prompt}], prompt, solution
+        msgs = row[cfg.messages_field]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise _RowError(f"column {cfg.messages_field!r} must be a list of {{role, content}} messages")
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise _RowError(f"no assistant message (the solution) in column {cfg.messages_field!r}")
+        solution = _text(msgs[last]["content"], f"solution (last assistant message of {cfg.messages_field!r})")
+        prompt_msgs = [{"role": m["role"], "content": m["content"] or ""} for m in msgs[:last]]
+        plain = "\n\n".join(str(m["content"]) for m in prompt_msgs)
+        _text(plain, f"prompt (messages before the last assistant one in {cfg.messages_field!r})")
+        return prompt_msgs, plain, solution
+
+    _check_row = _fields
+
+    def _encode(self, row: dict) -> tuple[list[int], list[int]] | None:
+        """(prompt ids, answer ids incl. EOS) of a row, None when over-long and dropped."""
+        try:
+            msgs, plain, solution = self._fields(row)
+        except _RowError as e:
+            raise ValueError(f"{self._locate(e)}") from None
+        tok, L = self.tokenizer, self.cfg.max_length
+        prompt = encode_prompt(tok, msgs, self.cfg.template.format(prompt=plain))
+        answer = tok(solution, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        if len(prompt) + len(answer) > L:
+            if self.cfg.overlong == "truncate" and len(prompt) >= L:  # no answer token would be left to train on
+                raise ValueError(f"{self._where(row)}: the prompt alone is {len(prompt)} tokens, not shorter than "
+                                 f"text.max_length={L}; raise text.max_length, or set text.overlong=drop to skip "
+                                 f"such rows")
+            if self.cfg.overlong == "drop":
+                self.stats["dropped"] += 1
+                return None
+            self.stats["truncated"] += 1
+            self.stats["truncated_tokens"] += len(prompt) + len(answer) - L
+            answer = answer[:L - len(prompt)]  # cut answer (it then has no EOS: the text goes on)
+        self.stats["samples"] += 1
+        return list(prompt), answer
+
+    # ---- the stream
 
     def _take(self, raw: Iterator[dict], n: int) -> list[tuple[list[int], list[int]]]:
         """The next n samples that fit (over-long ones dropped as configured)."""
@@ -360,8 +447,7 @@ class PromptSolutionStream:
 
     def __iter__(self) -> Iterator[TextBatch]:
         """Endless micro-batches from the current position."""
-        self._hf_state, self._live = self._hf_position(), False
-        return self._batches(self._raw())
+        return self._batches(self._start())
 
     def _batches(self, raw: Iterator[dict]) -> Iterator[TextBatch]:
         while True:
@@ -373,25 +459,17 @@ class PromptSolutionStream:
             samples = self._pending.pop(0)
             yield self._collate(samples, max(len(p) + len(a) for p, a in samples))
 
-    def _hf_position(self) -> dict | None:
-        """HF's iterator state right after the last row read (no-shuffle case only)."""
-        if self.cfg.shuffle_buffer == 0 and self._live:
-            return copy.deepcopy(self._dataset.state_dict())  # the paused iterator sits right after that row
-        return copy.deepcopy(self._hf_state)
+    def counters(self) -> dict[str, int]:
+        """Over-long samples so far on this rank (truncated or dropped, by text.overlong) and the tokens cut."""
+        return {k: self.stats[k] for k in ("truncated", "truncated_tokens", "dropped")}
 
     def state_dict(self) -> dict:
         """The exact position right after the last yielded batch (picklable)."""
-        hf_state = self._hf_position()
-        return {"version": 1, "rank": self.rank, "world_size": self.world_size, "epoch": self._epoch,
-                "consumed": self._consumed, "hf_state": hf_state, "pending": copy.deepcopy(self._pending),
-                "pools": self._pools, "stats": dict(self.stats)}
+        return self._position() | {"pending": copy.deepcopy(self._pending), "pools": self._pools,
+                                   "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue, at the next iter(), with exactly the batch after the saved one."""
-        if (state.get("rank"), state.get("world_size")) != (self.rank, self.world_size):
-            raise ValueError(f"text stream state is for rank {state.get('rank')} of {state.get('world_size')}, "
-                             f"not rank {self.rank} of {self.world_size}: the shards differ")
-        self._epoch, self._consumed, self._pools = state["epoch"], state["consumed"], state["pools"]
-        self._hf_state, self._live = copy.deepcopy(state["hf_state"]), False
-        self._pending = copy.deepcopy(state["pending"])
+        self._load_position(state)
+        self._pools, self._pending = state["pools"], copy.deepcopy(state["pending"])
         self.stats = dict(state["stats"])
