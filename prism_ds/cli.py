@@ -1,4 +1,4 @@
-"""`prism-ds` command line: train, sample, eval, demo, code-eval, gen-sudoku, make-tiny-llada.
+"""`prism-ds` command line: train, sample, eval, demo, code-eval, text-eval, gen-sudoku, make-tiny-llada.
 
 Every subcommand takes --recipe (a shipped recipe name or a YAML path) and trailing dotted
 overrides such as `model.hidden=256 finetune.steps=500`.
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     _add_config_args(p)
 
-    p = sub.add_parser("demo", help="generate data, pretrain, PRISM fine-tune, evaluate (the CPU Sudoku demo)")
+    p = sub.add_parser("demo", help="generate data, pretrain, PRISM fine-tune, evaluate (the CPU Sudoku demo; "
+                                    "--recipe text_cpu: the CPU text recipe)")
     p.add_argument("--overwrite", action="store_true", help="train both stages again even if they finished")
     _add_config_args(p)
 
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", action="append", help="samples JSONL to score (repeat the flag: one table row each)")
     p.add_argument("--k-blocks", default="4,6", help="sweep: K_block values, comma-separated")
     _add_config_args(p, default_recipe="llada_8b")
+
+    p = sub.add_parser("text-eval", help="unconditional text generation: sample every (policy row, N) cell, score "
+                                         "MAUVE / gen-PPL / entropy, print the paper's Table 2 layout")
+    p.add_argument("--model", help="export or MDLM folder/.ckpt (default: <run_dir>/finetune/final)")
+    _add_config_args(p, default_recipe="owt_gpu")
 
     p = sub.add_parser("gen-sudoku", help="write solved boards or unique-solution puzzles as CSV")
     p.add_argument("--box-rows", type=int, default=3)
@@ -127,9 +133,20 @@ def _run(args: argparse.Namespace) -> None:
 
         print(evaluate_checkpoint(args.checkpoint, cfg, progress))
     elif args.command == "demo":
-        from prism_ds.demo import run_demo
+        if cfg.task == "packed_text":
+            from prism_ds.textgen.demo import run_text_demo
 
-        print(run_demo(cfg, progress, args.overwrite))
+            print(run_text_demo(cfg, progress, args.overwrite))
+        else:
+            from prism_ds.demo import run_demo
+
+            print(run_demo(cfg, progress, args.overwrite))
+    elif args.command == "text-eval":
+        from pathlib import Path
+
+        from prism_ds.textgen.generate import text_table
+
+        print(text_table(cfg, args.model or Path(cfg.run_dir) / "finetune" / "final", progress))
 
 
 def _sample(args: argparse.Namespace, progress: bool) -> None:
