@@ -138,3 +138,22 @@ def text_config(source: str, tokenizer: str, **overrides) -> TextDataConfig:
     values = dict(source=source, tokenizer=tokenizer, max_length=24, padding="eos", shuffle_buffer=0, seed=0)
     values.update(overrides)
     return TextDataConfig(**values)
+
+
+def roundtrip(state):
+    """A stream state as a checkpoint holds it (torch.save / torch.load)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def same_batch(a, b) -> bool:
+    """Two TextBatches hold the same tokens, fixed positions, answer lengths and token counts."""
+    return (a.x.equal(b.x) and a.fixed.equal(b.fixed) and a.answer_len.equal(b.answer_len)
+            and a.tokens == b.tokens)
+

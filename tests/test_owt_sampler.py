@@ -252,3 +252,16 @@ def test_a_loop_schedule_built_for_n_refuses_another_n():
     with pytest.raises(ValueError, match="N = 10"):
         schedule.plan(0, 12, masked, ~masked, torch.full((2,), L), True)
     assert isinstance(even_family_schedule("remdm-loop", "fixed", SamplerConfig(), 10), RemdmLoopSchedule)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_drawing_in_chunks_gives_the_same_samples(monkeypatch, top_p):
+    """The float64 draw runs over fillable positions in chunks (memory at large vocabularies): same tokens."""
+    import prism_ds.core.sampler as sampler_mod
+
+    whole = _run("prism:binomial/loop", 12, batch=16, **OWT, top_p=top_p)[4]
+    monkeypatch.setattr(sampler_mod, "_DRAW_CHUNK", 7)
+    chunked = _run("prism:binomial/loop", 12, batch=16, **OWT, top_p=top_p)[4]
+    assert torch.equal(whole, chunked)
+    monkeypatch.setattr(sampler_mod, "_DRAW_CHUNK", 1 << 20)
+    assert not torch.equal(whole, _run("prism:binomial/loop", 12, batch=16, seed=1, **OWT, top_p=top_p)[4])

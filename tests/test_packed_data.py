@@ -1,15 +1,14 @@
 """Packed documents (task=packed_text, MDLM's OpenWebText wrapping): BOS/EOS layout and chunk boundaries, leftovers
 carried over, rank shards, exact resume, held-out documents, bad inputs, and the task built from a run config."""
-import io
 from dataclasses import replace
 
 import pytest
-import torch
 
 from prism_ds.config import ConfigError, ModelConfig, RunConfig
 from prism_ds.text.packed_data import PackedTextStream, heldout_documents, heldout_sequences
 from prism_ds.text.prompt_data import load_tokenizer, resolve_source
-from helpers import BOS, EOS, MASK, SPECIALS, WORDS, build_tokenizer, text_config, token_id, write_jsonl, write_parquet
+from helpers import (BOS, EOS, MASK, SPECIALS, WORDS, build_tokenizer, roundtrip, same_batch, text_config, token_id,
+                     write_jsonl, write_parquet)
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +88,6 @@ def test_two_ranks_disjoint_and_complete(tok_dir, tmp_path, two_files, heldout):
         assert doc_numbers(batches) and not doc_numbers(batches) & set(range(heldout))
 
 
-def roundtrip(state):
-    """The state as a checkpoint holds it (torch.save / torch.load)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
-def same(a, b):
-    return a.x.equal(b.x) and a.fixed.equal(b.fixed) and a.answer_len.equal(b.answer_len) and a.tokens == b.tokens
 
 
 def write_source(tmp_path, kind, docs):
@@ -134,11 +123,11 @@ def test_exact_resume(tok_dir, tmp_path, kind, shuffle_buffer, world_size, heldo
         fresh.load_state_dict(state)
         assert fresh.stats == stats
         rest = take(iter(fresh), n - k)
-        assert all(same(a, b) for a, b in zip(rest, ref[k:])), f"resume after {k} batches differs"
+        assert all(same_batch(a, b) for a, b in zip(rest, ref[k:])), f"resume after {k} batches differs"
         assert fresh.stats == ref_stream.stats
         take(it, 2)  # the same object rewound to the saved state (the trainer's reload) continues identically
         s.load_state_dict(state)
-        assert all(same(a, b) for a, b in zip(take(iter(s), 3), ref[k:k + 3]))
+        assert all(same_batch(a, b) for a, b in zip(take(iter(s), 3), ref[k:k + 3]))
     assert any(leftovers)  # the carried-over tokens are part of the position
     if shuffle_buffer:  # shuffled
         order = [t for b in ref for t in b.x.flatten().tolist()]

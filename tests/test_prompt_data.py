@@ -1,14 +1,13 @@
 """The streaming prompt/solution pipeline: token layout, chat templates, over-long rows, padding modes,
 rank sharding, exact resume and the errors for bad input."""
-import io
 
 import pytest
 import torch
 
 from prism_ds.config import ConfigError
 from prism_ds.text.prompt_data import PromptSolutionStream, load_tokenizer, special_ids
-from helpers import (BOS, EOS, EOT, HEADER_END, HEADER_START, MASK, SPECIALS, WORDS, build_tokenizer, sample_rows,
-                           text_config, token_id, write_jsonl, write_parquet)
+from helpers import (BOS, EOS, EOT, HEADER_END, HEADER_START, MASK, SPECIALS, WORDS, build_tokenizer, roundtrip, same_batch,
+                     sample_rows, text_config, token_id, write_jsonl, write_parquet)
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +145,6 @@ def test_two_ranks_disjoint_and_complete(tok_dirs, tmp_path, two_files):
             stream(text_config(src, tok_dirs[0]), rank=0, world_size=2).state_dict())
 
 
-def roundtrip(state):
-    """The state as a checkpoint would hold it (torch.save / torch.load)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
-def same(a, b):
-    return (a.x.equal(b.x) and a.fixed.equal(b.fixed) and a.answer_len.equal(b.answer_len)
-            and (a.pad_tokens, a.tokens) == (b.pad_tokens, b.tokens))
 
 
 @pytest.mark.parametrize("padding,shuffle_buffer,world_size,parquet",
@@ -187,12 +175,12 @@ def test_exact_resume(tok_dirs, tmp_path, padding, shuffle_buffer, world_size, p
         fresh.load_state_dict(state)
         assert fresh.stats == stats
         rest = take(iter(fresh), n - k)
-        assert all(same(a, b) for a, b in zip(rest, ref[k:])), f"resume after {k} batches differs"
+        assert all(same_batch(a, b) for a, b in zip(rest, ref[k:])), f"resume after {k} batches differs"
         assert fresh.stats == ref_stream.stats
         # The same object rewound to the saved state (the trainer's reload) continues identically too.
         take(it, 2)
         s.load_state_dict(state)
-        assert all(same(a, b) for a, b in zip(take(iter(s), 3), ref[k:k + 3]))
+        assert all(same_batch(a, b) for a, b in zip(take(iter(s), 3), ref[k:k + 3]))
 
 
 def test_sources_glob_and_parquet_match_jsonl(tok_dirs, tmp_path):
@@ -202,7 +190,7 @@ def test_sources_glob_and_parquet_match_jsonl(tok_dirs, tmp_path):
     pq = write_parquet(tmp_path / "all.parquet", rows)
     a = take(iter(stream(text_config(str(tmp_path / "x*.jsonl"), tok_dirs[0]), mbs=3)), 3)
     b = take(iter(stream(text_config(pq, tok_dirs[0]), mbs=3)), 3)
-    assert all(same(x, y) for x, y in zip(a, b))
+    assert all(same_batch(x, y) for x, y in zip(a, b))
 
 
 def error(cfg, n=1):

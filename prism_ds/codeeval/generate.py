@@ -24,6 +24,7 @@ from prism_ds.config import RunConfig, to_dict
 from prism_ds.core.remask import parse_variant
 from prism_ds.core.sampler import SamplingExtras, check_fast_sampling, sample
 from prism_ds.core.schedules import BlockwiseSchedule
+from prism_ds.jsonl import jsonl_rows
 
 SETTING_KEYS = ("gen_length", "block_length", "steps", "k_block", "policies", "unmask_order", "temperature",
                 "top_p", "cfg_scale", "forbid_eos", "eos_confidence", "stop_at_eos", "seed", "cache", "threshold")
@@ -44,13 +45,7 @@ def read_samples(path: Path, settings: dict | None = None) -> list[dict]:
     rows = []
     if not path.exists():
         return rows
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not a JSON line ({e.msg})") from None
+    for n, row in jsonl_rows(path):
         if not isinstance(row, dict) or "task_id" not in row or not ({"solution", "completion"} & set(row)):
             raise ValueError(f"{path}, line {n}: expected an object with task_id and solution (or completion)")
         if settings is not None and row.get("settings") != settings:

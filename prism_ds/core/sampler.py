@@ -123,6 +123,23 @@ def _pass(model, tok, rows, cols, policy, extras, mask_id, state: _KVState | Non
     return out.logits, quality
 
 
+_DRAW_CHUNK = 8192  # positions per float64 draw: at OWT's 50k vocabulary one buffer is 3.3 GB, not B x L x V x 8 B
+
+
+def _draw(logits, rows, cols, mask_id: int, allowed_tokens, temperature: float, top_p: float, generator):
+    """Tokens and their probabilities at the (rows, cols) positions of logits [B, W, V], in float64 chunks."""
+    drawn = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    prob = torch.empty(len(rows), dtype=torch.float64, device=logits.device)
+    for i in range(0, len(rows), _DRAW_CHUNK):
+        part = slice(i, i + _DRAW_CHUNK)
+        sub = logits[rows[part], cols[part]].double()
+        sub[..., mask_id] = float("-inf")  # a sampled token is never the mask
+        if allowed_tokens is not None:  # e.g. only digits may fill a Sudoku cell
+            sub[..., ~allowed_tokens] = float("-inf")
+        drawn[part], prob[part] = sample_tokens(sub, temperature=temperature, top_p=top_p, generator=generator)
+    return drawn, prob
+
+
 def _stop_at_eos(tok, msk, window, eos_id: int):
     """Rows whose just-closed window holds an EOS: every later mask becomes EOS and the row is done."""
     done = ((tok == eos_id) & window).any(1)
@@ -205,11 +222,7 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         # Draw only where a token can be unmasked: the float64 Gumbel and nucleus sort over the vocabulary
         # are the step's largest cost (at OWT's 50k vocabulary, more than the forward pass).
         r, c = fillable[:, cols].nonzero(as_tuple=True)
-        logits = logits[r, c].double()
-        logits[..., mask_id] = float("-inf")  # a sampled token is never the mask
-        if allowed_tokens is not None:  # e.g. only digits may fill a Sudoku cell
-            logits[..., ~allowed_tokens] = float("-inf")
-        drawn, drawn_prob = sample_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
+        drawn, drawn_prob = _draw(logits, r, c, mask_id, allowed_tokens, temperature, top_p, generator)
         proposal, proposal_prob = tok.clone(), torch.zeros(tok.shape, dtype=torch.float64, device=tok.device)
         proposal[r, cols[c]], proposal_prob[r, cols[c]] = drawn, drawn_prob
         rank_prob = proposal_prob

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from prism_ds.jsonl import jsonl_rows
 from prism_ds.textgen.samples import differing_keys, file_sha256, model_fingerprint
 
 MARKER = "scorer_settings.json"
@@ -22,13 +23,7 @@ MARKER = "scorer_settings.json"
 
 def _read_documents(path: Path) -> list[str]:
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not a JSON line ({e.msg})") from None
+    for n, row in jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise ValueError(f"{path}, line {n}: expected an object with a \"text\" string")
         docs.append(row["text"])
