@@ -219,3 +219,38 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model.train()(tokens).logits.logsumexp(-1).sum().backward()
         grads.append(model.blocks[0].attn_qkv.weight.grad.clone())
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+class _Payload:  # what a crafted checkpoint could hold: a call to a function of the loader's choice
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.target)!r}, 'w').write('ran')",))
+
+
+def test_a_ckpt_cannot_run_code_while_loading(tmp_path):
+    model = _randomised()
+    marker = tmp_path / "ran.txt"
+    ckpt = {"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"config": _Payload(marker)}}
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    loaded, _ = load_model(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    assert torch.equal(loaded(_tokens()).logits, model(_tokens()).logits)
+
+
+def test_the_unpickler_resolves_no_function_outside_its_list(tmp_path):
+    """Allowing whole packages would not do: numpy and torch hold functions that run code they are given."""
+    import io
+
+    from prism_ds.models.mdlm import _restricted_pickle
+
+    marker = tmp_path / "ran.txt"
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    for module, name in (("numpy.testing._private.utils", "runstring"), ("builtins", "exec"), ("os", "system")):
+        arg = code if name != "system" else f"touch {marker}"
+        payload = f"c{module}\n{name}\n(V{arg}\n(dtR.".encode() if name == "runstring" else \
+            f"c{module}\n{name}\n(V{arg}\ntR.".encode()
+        _restricted_pickle.load(io.BytesIO(payload))
+        assert not marker.exists(), f"{module}.{name} ran"

@@ -81,6 +81,9 @@ def test_two_rank_zero2_finetune_of_an_mdlm_folder_with_the_attention_head(corpu
     x = torch.randint(0, vocab - 1, (2, 32))
     out = model(x)
     assert out.logits.shape == (2, 32, vocab) and out.quality.shape == (2, 32)
+    folder.rename(tmp_path / "moved")  # the export holds the trained backbone and its sizes: no MDLM folder needed
+    again, _ = load_model(final)
+    assert torch.equal(again(x).logits, out.logits)
 
 
 def test_mdlm_run_with_a_mismatched_tokenizer_names_both(corpus, tmp_path):
@@ -137,3 +140,15 @@ def test_text_demo_end_to_end_then_resumed_from_its_files(corpus, tmp_path, monk
     calls.clear()
     assert run_text_demo(cfg, progress=False) == table  # everything reused: no sampling, same numbers
     assert calls == []
+
+
+def test_d2_eta_and_l_on_apply_to_prism_rows_only():
+    from prism_ds.config import load_config
+    from prism_ds.core.schedules import EvenSchedule, even_family_schedule
+    from prism_ds.textgen.generate import row_sampler
+
+    s = load_config("owt_gpu").sampler
+    prism = even_family_schedule("even", "binomial", row_sampler(s, "prism"), 128)
+    cap = even_family_schedule("even", "binomial", row_sampler(s, "remdm"), 128)
+    assert isinstance(prism, EvenSchedule) and (prism.eta, prism.start_step) == (2.56 / 128, 64)
+    assert (cap.eta, cap.start_step) == (s.eta, 0)

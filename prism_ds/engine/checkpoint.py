@@ -205,7 +205,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapt
     has_head = (path / "quality_head.safetensors").exists()
     if cfg.model.kind in ("dit", "mdlm"):
         model = build_model(cfg.model, cfg.quality_head, meta["vocab_size"], with_head=has_head,
-                            mask_id=meta.get("mask_id"))
+                            mask_id=meta.get("mask_id"), dims=meta.get("dit"))
         base = meta.get("base_backbone")
         if not (path / "backbone.safetensors").exists() and base and mdlm.is_mdlm(base):
             mdlm.load_into(model.backbone, base, cfg.model.use_ema)  # a frozen MDLM backbone

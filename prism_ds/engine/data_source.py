@@ -8,6 +8,7 @@ token and a held-out batch for the quality head's calibration.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -171,7 +172,10 @@ def _packed_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: i
     from prism_ds.text.tokenizer import load_tokenizer, special_ids
 
     text, kind = cfg.text, cfg.model.kind
-    if kind == "mdlm" and not text.tokenizer:  # an MDLM folder carries its (GPT-2) tokenizer
+    if kind == "mdlm" and not text.tokenizer:  # an MDLM folder may carry its tokenizer; a .ckpt never does
+        if not Path(cfg.model.path).is_dir():
+            raise ConfigError("text.tokenizer: empty and model.path is not a folder with one; set text.tokenizer "
+                              "(MDLM's OWT model uses GPT-2's: text.tokenizer=gpt2 or a local copy)")
         text = replace(text, tokenizer=cfg.model.path)
     tokenizer = load_tokenizer(text)
     if kind == "dit":

@@ -26,7 +26,7 @@ from prism_ds.engine.ema import EMA
 from prism_ds.engine.monitor import Monitor
 from prism_ds.engine.optim import build_optimizer, build_scheduler
 from prism_ds.engine.resume import config_diff, latest_tag, load_training_state, save_training_state, signature
-from prism_ds.models.prism_model import build_model
+from prism_ds.models.prism_model import build_model, dit_dims
 
 STAGES = {"pretrain": "pretrain", "finetune": "prism"}  # stage name -> loss mode
 
@@ -111,9 +111,10 @@ def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.
         init = _hf_init(cfg) if stage == "finetune" else None
         return build_pretrained_model(cfg, stage == "finetune", not s.freeze_backbone, ds_config, init)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
+    dims = dit_dims(cfg.model)  # outside zero.Init: reading an MDLM checkpoint builds a model on the meta device
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
         model = build_model(cfg.model, cfg.quality_head, task.vocab_size, with_head=stage == "finetune",
-                            mask_id=task.mask_id)
+                            mask_id=task.mask_id, dims=dims)
     init = _dit_init(cfg, stage)
     if init is not None:
         load_backbone(model, init)
@@ -285,6 +286,8 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     heldout = task.heldout.to(device) if task.heldout is not None else None
     meta = {"stage": stage, "vocab_size": task.vocab_size, "mask_id": task.mask_id, "params": n_params,
             "trainable": n_trainable, "init": init_fingerprint(cfg, stage)}
+    if cfg.model.kind in ("dit", "mdlm"):  # an export rebuilds without the MDLM checkpoint it started from
+        meta["dit"] = {k: v for k, v in dit_dims(cfg.model).items() if k != "vocab_size"}
 
     def checkpoint(step: int) -> None:
         rank_state = {"source": task.source.state_dict(), "mask_generator": mask_gen.get_state(),

@@ -6,9 +6,10 @@
     .ckpt    the authors' Lightning checkpoint: `state_dict` under `backbone.`, and its EMA weights
              (`ema.shadow_params`, a list in the backbone's parameters() order), used when present
 The only name map is the `backbone.` prefix: prism-ds's DiT *is* MDLM's architecture (models/dit.py).
-A `.ckpt` is a pickle: it is read with a restricted unpickler that builds tensors and plain containers
-and turns every other class (Lightning's and OmegaConf's objects) into an inert placeholder, so no
-code from the file runs and neither package needs to be installed.
+A `.ckpt` is a pickle: it is read with a restricted unpickler that only resolves the globals torch.save
+writes for tensors and plain containers, and turns every other one (Lightning's and OmegaConf's objects,
+or any function a crafted file names) into an inert placeholder, so no function named by the file is
+called and neither package needs to be installed.
 """
 from __future__ import annotations
 
@@ -21,8 +22,20 @@ from pathlib import Path
 import torch
 
 PREFIX = "backbone."
-_SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "int", "float", "list", "dict", "tuple", "bytearray",
-                  "bytes", "str", "bool", "object"}
+# The only globals a checkpoint may name: what torch.save writes for tensors and containers. Anything else
+# (Lightning's and OmegaConf's classes, and any callable a crafted file could name) becomes a placeholder.
+_ALLOWED = {
+    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+    ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"), ("torch.serialization", "_get_layout"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    *(("builtins", n) for n in ("set", "frozenset", "slice", "complex", "int", "float", "list", "dict", "tuple",
+                                "bytearray", "bytes", "str", "bool")),
+}
+_STORAGE_SUFFIX = "Storage"  # torch.FloatStorage, torch.BFloat16Storage, ...
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 
 @dataclass(frozen=True)
@@ -52,9 +65,8 @@ class _Placeholder:
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = (module.startswith("torch") and not module.startswith(("torch.hub", "torch.ops"))
-                   or module in ("collections", "_codecs") or module.startswith("numpy")
-                   or (module == "builtins" and name in _SAFE_BUILTINS))
+        allowed = ((module, name) in _ALLOWED
+                   or (module == "torch" and (name.endswith(_STORAGE_SUFFIX) or name in _DTYPES)))
         if allowed:
             return super().find_class(module, name)
         return type(name, (_Placeholder,), {"__module__": "prism_ds.models.mdlm.placeholder"})

@@ -50,23 +50,30 @@ class PrismModel(nn.Module):
         return PrismOutput(logits=out.logits, quality=quality, kv_cache=out.kv_cache)
 
 
-def build_model(model_cfg, head_cfg, vocab_size: int, with_head: bool, mask_id: int | None = None) -> PrismModel:
-    """The DiT backbone (sizes from model.*, or from the MDLM checkpoint at model.path for kind=mdlm; its weights
-    are loaded separately) and the configured quality head when with_head. mask_id turns on SUBS logits.
-    Pretrained Hugging Face backbones are built by prism_ds.models.loading.build_pretrained_model."""
-    dims = (model_cfg.hidden, model_cfg.n_blocks, model_cfg.n_heads, model_cfg.cond_dim, model_cfg.mlp_ratio)
+def dit_dims(model_cfg) -> dict:
+    """The DiT's sizes: model.* for kind=dit, the checkpoint's for kind=mdlm (exports record them in meta.json)."""
     if model_cfg.kind == "mdlm":
         from prism_ds.models.mdlm import dims_of
 
         d = dims_of(model_cfg.path)
-        if d.vocab_size != vocab_size:
-            raise ValueError(f"model.path={model_cfg.path}: the checkpoint embeds {d.vocab_size} tokens, the data "
-                             f"{vocab_size}")
-        dims = (d.hidden, d.n_blocks, d.n_heads, d.cond_dim, 4)
-    hidden, n_blocks, n_heads, cond_dim, mlp_ratio = dims
-    backbone = DiT(vocab_size=vocab_size, hidden=hidden, n_blocks=n_blocks, n_heads=n_heads, cond_dim=cond_dim,
-                   mlp_ratio=mlp_ratio, dropout=model_cfg.dropout, mask_id=mask_id,
-                   gradient_checkpointing=model_cfg.gradient_checkpointing, use_flash=model_cfg.attention == "flash")
-    head = build_quality_head(head_cfg.kind, hidden, cond_dim, n_heads=n_heads,
+        return {"hidden": d.hidden, "n_blocks": d.n_blocks, "n_heads": d.n_heads, "cond_dim": d.cond_dim,
+                "mlp_ratio": 4, "vocab_size": d.vocab_size}
+    return {"hidden": model_cfg.hidden, "n_blocks": model_cfg.n_blocks, "n_heads": model_cfg.n_heads,
+            "cond_dim": model_cfg.cond_dim, "mlp_ratio": model_cfg.mlp_ratio}
+
+
+def build_model(model_cfg, head_cfg, vocab_size: int, with_head: bool, mask_id: int | None = None,
+                dims: dict | None = None) -> PrismModel:
+    """The DiT backbone (sizes from `dims`, else dit_dims(model_cfg); an MDLM checkpoint's weights are loaded
+    separately) and the configured quality head when with_head. mask_id turns on SUBS logits.
+    Pretrained Hugging Face backbones are built by prism_ds.models.loading.build_pretrained_model."""
+    dims = dict(dims or dit_dims(model_cfg))
+    if dims.pop("vocab_size", vocab_size) != vocab_size:
+        raise ValueError(f"model.path={model_cfg.path}: the checkpoint embeds a different number of tokens than "
+                         f"the data's {vocab_size}")
+    backbone = DiT(vocab_size=vocab_size, dropout=model_cfg.dropout, mask_id=mask_id,
+                   gradient_checkpointing=model_cfg.gradient_checkpointing, use_flash=model_cfg.attention == "flash",
+                   **dims)
+    head = build_quality_head(head_cfg.kind, dims["hidden"], dims["cond_dim"], n_heads=dims["n_heads"],
                               dropout=model_cfg.dropout) if with_head else None
     return PrismModel(backbone, head)

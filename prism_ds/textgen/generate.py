@@ -9,12 +9,13 @@ MAUVE against held-out human text (the first `text.heldout_docs` documents of te
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import torch
 
-from prism_ds.config import ConfigError, RunConfig
+from prism_ds.config import ConfigError, RunConfig, SamplerConfig
 from prism_ds.core.remask import parse_row
 from prism_ds.core.sampler import sample
 from prism_ds.core.schedules import even_family_schedule
@@ -31,8 +32,17 @@ def _tokenizer(cfg: RunConfig):
 
     from prism_ds.text.tokenizer import load_tokenizer
 
+    if not cfg.text.tokenizer and not Path(cfg.model.path).is_dir():
+        raise ConfigError("text.tokenizer: empty and model.path is not a folder with one; set text.tokenizer "
+                          "(MDLM's OWT model uses GPT-2's: text.tokenizer=gpt2 or a local copy)")
     text = cfg.text if cfg.text.tokenizer else replace(cfg.text, tokenizer=cfg.model.path)
     return load_tokenizer(text)
+
+
+def row_sampler(s: SamplerConfig, policy: str) -> SamplerConfig:
+    """The sampler settings of one row: appendix D.2's eta = eta_steps / N and l_on = ceil(remask_start * N) are
+    PRISM's rule; baseline rows keep `sampler.eta` and may remask from the first step, as ReMDM defines them."""
+    return s if policy == "prism" else dataclasses.replace(s, eta_steps=0.0, remask_start=0.0)
 
 
 def _cell_seed(seed: int, row: str, steps: int, batch: int) -> int:
@@ -44,8 +54,8 @@ def generate_batch(model, n: int, length: int, mask_id: int, row: str, steps: in
                    generator: torch.Generator, allowed: torch.Tensor | None = None,
                    progress: bool = False) -> torch.Tensor:
     """n sequences of `length` tokens sampled from all-mask canvases with one table row's policy and schedule."""
-    s = cfg.sampler
-    policy, count, kind = parse_row(row, s.remask_count)
+    policy, count, kind = parse_row(row, cfg.sampler.remask_count)
+    s = row_sampler(cfg.sampler, policy)
     schedule = even_family_schedule(kind, count, s, steps)
     device = next(model.parameters()).device
     tokens = torch.full((n, length), mask_id, dtype=torch.long, device=device)
@@ -63,7 +73,7 @@ def check_rows(cfg: RunConfig, has_head: bool) -> None:
         if policy == "prism" and not has_head:
             raise ConfigError(f"sampler.policies: {row!r} needs a quality head; pass a PRISM fine-tuned export")
         for steps in cfg.sampler.steps:
-            even_family_schedule(kind, count, cfg.sampler, steps)
+            even_family_schedule(kind, count, row_sampler(cfg.sampler, policy), steps)
 
 
 def text_table(cfg: RunConfig, model_path: str | Path, progress: bool = True) -> str:
@@ -76,8 +86,12 @@ def text_table(cfg: RunConfig, model_path: str | Path, progress: bool = True) ->
     out_dir = Path(te.out_dir or Path(cfg.run_dir) / "text_eval")
     model, _ = load_model(model_path, device)
     check_rows(cfg, model.quality_head is not None)
+    # Fail before hours of sampling when a scoring model is not available offline.
+    tables.metrics.load_tokenizer(te.scorer, "scorer", "text_eval.scorer")
+    if te.featurizer:
+        tables.metrics.load_tokenizer(te.featurizer, "featurizer", "text_eval.featurizer")
     tokenizer = _tokenizer(cfg)
-    mask_id = model.backbone.mask_id
+    mask_id = getattr(model.backbone, "mask_id", None)
     if mask_id is None:
         raise ConfigError(f"{model_path}: the backbone has no mask id (not a masked-diffusion DiT export)")
     vocab = model.backbone.vocab_size

@@ -116,7 +116,8 @@ def generative_perplexity(texts: Sequence[str], scorer: str | Path, batch_size: 
     length = _max_positions(model, tok)
     bos = tok.bos_token_id  # GPT-2: <|endoftext|>, the context GPT-2 saw at every document start
     encoded = tok(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
-    ids = [([bos] if bos is not None else []) + list(e) for e in encoded]
+    # Samples that already start with it (MDLM's packed sequences do) are not given a second one.
+    ids = [([bos] if bos is not None and list(e)[:1] != [bos] else []) + list(e) for e in encoded]
     windows = [(i, w) for i, seq in enumerate(ids) for w in _windows(seq, length)]
     windows.sort(key=lambda iw: -len(iw[1]))  # similar lengths share a batch: less padding
     nll = [0.0] * len(ids)

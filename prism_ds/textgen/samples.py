@@ -27,10 +27,14 @@ def settings_hash(settings: dict) -> str:
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """Cheap fingerprint of a model folder: every file's relative name, size and a hash of its first and last MiB."""
+    """Cheap fingerprint of a model folder (or a single checkpoint file): every file's relative name, size and
+    a hash of its first and last MiB."""
     folder = Path(folder)
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    if folder.is_file():
+        folder = folder.parent
+    for f in files:
         if any(part.startswith(".") for part in f.relative_to(folder).parts):
             continue  # editor / lock files do not change the model
         size = f.stat().st_size
