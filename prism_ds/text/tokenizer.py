@@ -8,6 +8,11 @@ from prism_ds.config import ConfigError, TextDataConfig
 LLADA_MASK = "<|mdm_mask|>"  # LLaDA's tokenizer has no mask_token, only this added special token
 
 
+def is_local_path(name: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name" has one slash; paths start with . / ~ or exist)."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
 def load_tokenizer(cfg: TextDataConfig):
     """`AutoTokenizer.from_pretrained(cfg.tokenizer)`, with errors that name `text.tokenizer`."""
     from transformers import AutoTokenizer
@@ -18,7 +23,7 @@ def load_tokenizer(cfg: TextDataConfig):
     if not name:
         raise ConfigError("text.tokenizer: empty; set it to a tokenizer directory (or a hub name when online)")
     path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    looks_local = is_local_path(name)
     if looks_local and not path.is_dir():
         raise ConfigError(f"text.tokenizer: directory {name!r} does not exist")
     try:

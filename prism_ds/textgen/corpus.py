@@ -10,7 +10,6 @@ their work when their output exists and was made from the same inputs (a small m
 from __future__ import annotations
 
 import ast
-import hashlib
 import inspect
 import json
 import os
@@ -129,7 +128,9 @@ def _texts(files: list[Path]) -> Iterator[str]:
 
 def _fingerprint(files: list[Path]) -> list[list[str]]:
     """(name, sha256) of each training file: the tokenizer is retrained when its text changes."""
-    return [[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in files]
+    from prism_ds.engine.checkpoint import content_hash
+
+    return [[p.name, content_hash([p])] for p in files]
 
 
 def train_bpe_tokenizer(files: list[str | Path] | str | Path, out_dir: str | Path, vocab_size: int = 4096) -> Path:

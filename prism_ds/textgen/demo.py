@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from prism_ds.config import ConfigError, RunConfig
+from prism_ds.jsonl import jsonl_rows
 
 
 def _scorer_documents(cfg: RunConfig, out: Path) -> Path:
@@ -21,8 +22,7 @@ def _scorer_documents(cfg: RunConfig, out: Path) -> Path:
     from prism_ds.text.packed_data import heldout_documents
 
     held = set(heldout_documents(cfg.text))
-    rows = [json.loads(line) for line in Path(cfg.text.source).read_text(encoding="utf-8").splitlines() if line]
-    kept = [r for r in rows if r[cfg.text.text_field] not in held]
+    kept = [row for _, row in jsonl_rows(cfg.text.source) if row[cfg.text.text_field] not in held]
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"text": r[cfg.text.text_field]}) + "\n" for r in kept), encoding="utf-8")
     tmp.replace(out)

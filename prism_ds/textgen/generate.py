@@ -20,7 +20,7 @@ from prism_ds.core.remask import parse_row
 from prism_ds.core.sampler import sample
 from prism_ds.core.schedules import even_family_schedule
 from prism_ds.textgen import table as tables
-from prism_ds.textgen.samples import fill_cell, model_fingerprint, settings_hash
+from prism_ds.textgen.samples import fill_cell, model_fingerprint
 
 # Sampler settings that shape every cell alike (the row and N vary across the table, batch and seeds are recorded).
 _SAMPLER_KEYS = ("remask_count", "remask_k", "eta", "eta_steps", "eta_cap", "remask_start", "loop_m", "loop_fraction",
@@ -104,7 +104,6 @@ def text_table(cfg: RunConfig, model_path: str | Path, progress: bool = True) ->
     references = tokenizer.batch_decode(refs.tolist())
     common = {"model": model_fingerprint(model_path), "length": length, "tokenizer": len(tokenizer),
               **{k: getattr(cfg.sampler, k) for k in _SAMPLER_KEYS}}
-    common["sampler_hash"] = settings_hash({k: v for k, v in common.items() if k in _SAMPLER_KEYS})
     cells = [tables.score_references(references, te.scorer, out_dir / "data.scores.json", str(device),
                                      te.scorer_batch_size, progress)]
     for row in cfg.sampler.policies:

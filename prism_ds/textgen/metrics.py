@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prism_ds.text.tokenizer import is_local_path
+
 MAUVE_SEED = 25  # mauve-text's default k-means seed, set explicitly so scores are reproducible
 
 
@@ -27,13 +29,8 @@ class ModelUnavailableError(FileNotFoundError):
     """A scorer or featuriser model that cannot be loaded (offline and not a local folder)."""
 
 
-def _looks_like_path(name: str) -> bool:
-    """A filesystem path rather than a hub id ("org/name" has exactly one slash)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.exists(name)
-
-
 def _unavailable(name: str, role: str, setting: str, reason: str) -> ModelUnavailableError:
-    hub = name if not _looks_like_path(name) else "gpt2-large"
+    hub = name if not is_local_path(name) else "gpt2-large"
     return ModelUnavailableError(
         f"the {role} model {name!r} is not available here ({reason}). Provide it as a local folder: on a machine "
         f"with internet run `huggingface-cli download {hub} --local-dir DIR` (or save it with "
@@ -43,7 +40,7 @@ def _unavailable(name: str, role: str, setting: str, reason: str) -> ModelUnavai
 
 def _from_pretrained(cls, name: str, role: str, setting: str):
     """cls.from_pretrained(name) for a local folder or a hub name, or a clear ModelUnavailableError."""
-    if _looks_like_path(name):
+    if is_local_path(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise _unavailable(name, role, setting, "no such folder" if not path.exists() else "no config.json in it")
@@ -98,6 +95,16 @@ def _max_positions(model, tokenizer) -> int:
     raise ValueError(f"cannot tell the context length of {type(model).__name__}; set max_position_embeddings")
 
 
+def _padded(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, attention mask) [n, longest] of right-padded id lists."""
+    width = max(map(len, seqs))
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        tokens[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
+    return tokens.to(device), mask.to(device)
+
+
 def _windows(ids: list[int], length: int) -> list[list[int]]:
     """Windows of at most `length` tokens overlapping by one, so every token after the first is scored exactly
     once and each window's first token is context only (MDLM splits without overlap and loses one per chunk)."""
@@ -125,12 +132,7 @@ def generative_perplexity(texts: Sequence[str], scorer: str | Path, batch_size: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0  # any id: padded positions are masked
     for b in tqdm(range(0, len(windows), batch_size), desc="gen-PPL", disable=not progress):
         chunk = windows[b:b + batch_size]
-        width = len(chunk[0][1])
-        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (_, w) in enumerate(chunk):
-            tokens[r, :len(w)], mask[r, :len(w)] = torch.tensor(w), 1
-        tokens, mask = tokens.to(device), mask.to(device)
+        tokens, mask = _padded([w for _, w in chunk], pad, device)
         logits = model(input_ids=tokens, attention_mask=mask).logits[:, :-1].float()
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
         token_nll = (token_nll * mask[:, 1:]).sum(1).double().cpu().tolist()
@@ -173,13 +175,8 @@ def featurize(texts: Sequence[str], featurizer: str | Path, device: str = "cpu",
     feats = []
     for b in tqdm(range(0, len(encoded), batch_size), desc="MAUVE features", disable=not progress):
         chunk = encoded[b:b + batch_size]
-        width = max(map(len, chunk))
-        tokens = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, e in enumerate(chunk):
-            tokens[r, :len(e)], mask[r, :len(e)] = torch.tensor(e), 1
-        out = model(input_ids=tokens.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                    return_dict=True)
+        tokens, mask = _padded(chunk, 0, device)
+        out = model(input_ids=tokens, attention_mask=mask, output_hidden_states=True, return_dict=True)
         last = torch.tensor([len(e) - 1 for e in chunk], device=device)
         feats.append(out.hidden_states[-1][torch.arange(len(chunk), device=device), last].float().cpu())
     return torch.cat(feats).numpy()

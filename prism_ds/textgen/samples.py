@@ -47,15 +47,6 @@ def model_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file (keys the scores cache on the samples themselves)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def differing_keys(a: dict, b: dict) -> list[str]:
     """Keys whose values differ between two settings dicts (missing counts as different)."""
     return sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))

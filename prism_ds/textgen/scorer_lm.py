@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from prism_ds.jsonl import jsonl_rows
-from prism_ds.textgen.samples import differing_keys, file_sha256, model_fingerprint
+from prism_ds.engine.checkpoint import content_hash
+from prism_ds.textgen.samples import differing_keys, model_fingerprint
 
 MARKER = "scorer_settings.json"
 
@@ -71,7 +72,7 @@ def train_causal_lm(train_jsonl: str | Path, tokenizer_dir: str | Path, out_dir:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     train_jsonl, tokenizer_dir, out_dir = Path(train_jsonl), Path(tokenizer_dir), Path(out_dir)
-    settings = {"train_jsonl": str(train_jsonl.resolve()), "train_sha256": file_sha256(train_jsonl),
+    settings = {"train_jsonl": str(train_jsonl.resolve()), "train_sha256": content_hash([train_jsonl]),
                 "tokenizer": model_fingerprint(tokenizer_dir), "n_layer": n_layer, "n_embd": n_embd,
                 "n_head": n_head, "seq_len": seq_len, "steps": steps, "batch_size": batch_size, "lr": lr,
                 "seed": seed}

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from prism_ds.textgen import metrics
-from prism_ds.textgen.samples import differing_keys, file_sha256, model_fingerprint, read_samples
+from prism_ds.engine.checkpoint import content_hash
+from prism_ds.textgen.samples import differing_keys, model_fingerprint, read_samples
 
 ROW_KEY, COLUMN_KEY = "policy", "steps"  # the two settings a table varies; every other setting must agree
 DATA_ROW = "data"
@@ -94,7 +95,7 @@ def score_cell(path: str | Path, scorer: str | Path, featurizer: str | Path | No
                       "mauve_max_len": mauve_max_len if with_mauve else None,
                       "mauve_seed": seed if with_mauve else None}
     out = path.with_name(path.name + ".scores.json")
-    sha = file_sha256(path)
+    sha = content_hash([path])
     if out.exists():
         cached = json.loads(out.read_text(encoding="utf-8"))
         if cached.get("samples_sha256") == sha and cached.get("score_settings") == score_settings:
