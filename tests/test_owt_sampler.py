@@ -265,3 +265,18 @@ def test_drawing_in_chunks_gives_the_same_samples(monkeypatch, top_p):
     assert torch.equal(whole, chunked)
     monkeypatch.setattr(sampler_mod, "_DRAW_CHUNK", 1 << 20)
     assert not torch.equal(whole, _run("prism:binomial/loop", 12, batch=16, seed=1, **OWT, top_p=top_p)[4])
+
+
+def test_the_quality_head_runs_only_on_steps_that_may_remask():
+    """Before l_on and in loop steps nothing is remasked, so the head (a DiT block for OWT) is not evaluated."""
+
+    class Counting(RandomModel):
+        def forward(self, tokens, need_logits=True, need_quality=True):
+            self.asked = getattr(self, "asked", []) + [need_quality]
+            return super().forward(tokens, need_logits, need_quality)
+
+    model = Counting(0)
+    history, _, _, schedule, _, _ = _run("prism:binomial/loop", 16, model=model, **OWT)
+    n_gen = schedule.gen_steps
+    assert not any(model.asked[:math.ceil(0.5 * n_gen)]) and not any(model.asked[n_gen:])
+    assert any(model.asked[math.ceil(0.5 * n_gen):n_gen])

@@ -69,7 +69,7 @@ def check_fast_sampling(cache: str, threshold: float | None) -> None:
         raise ValueError(f"sampler.threshold={threshold} must be in (0, 1] (0 in a config turns it off)")
 
 
-def _forward(model, tokens, policy: str, extras: SamplingExtras, attention_mask, cfg_mask, mask_id: int,
+def _forward(model, tokens, need_quality: bool, extras: SamplingExtras, attention_mask, cfg_mask, mask_id: int,
              cols: torch.Tensor | None, **cache):
     """Logits at `cols` (all positions when None; guided when cfg_scale > 0) and quality, in one batched pass."""
     def kw(am):  # only what the model needs to be told: scripted and plain models take neither
@@ -77,10 +77,10 @@ def _forward(model, tokens, policy: str, extras: SamplingExtras, attention_mask,
                 **cache}
 
     if extras.cfg_scale <= 0:
-        return model(tokens, need_logits=True, need_quality=needs_quality(policy), **kw(attention_mask))
+        return model(tokens, need_logits=True, need_quality=need_quality, **kw(attention_mask))
     uncond = tokens.masked_fill(cfg_mask, mask_id)
     am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    out = model(torch.cat([tokens, uncond]), need_logits=True, need_quality=needs_quality(policy), **kw(am))
+    out = model(torch.cat([tokens, uncond]), need_logits=True, need_quality=need_quality, **kw(am))
     cond, un = out.logits.chunk(2)
     out.logits = un + (extras.cfg_scale + 1) * (cond - un)
     out.quality = None if out.quality is None else out.quality[: len(tokens)]  # quality of the real state
@@ -98,11 +98,11 @@ class _KVState:
         return (lo, length) if self.mode == "prefix" else (lo, hi)
 
 
-def _pass(model, tok, rows, cols, policy, extras, mask_id, state: _KVState | None):
+def _pass(model, tok, rows, cols, need_quality: bool, extras, mask_id, state: _KVState | None):
     """One forward: (logits at the window columns [B, W, V], quality [B, L] or None), filling or reading a cache."""
     pick = lambda t: None if t is None else t[rows]  # noqa: E731
     full_cols = len(cols) == tok.shape[1]
-    args = (model, tok, policy, extras, pick(extras.attention_mask), pick(extras.cfg_mask), mask_id,
+    args = (model, tok, need_quality, extras, pick(extras.attention_mask), pick(extras.cfg_mask), mask_id,
             None if full_cols else cols)
     lo, hi, length = int(cols[0]), int(cols[-1]) + 1, tok.shape[1]
     if state is None or full_cols:
@@ -214,11 +214,16 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
             seen_window = window
             k = k_block if (policy != "none" and window_step == 1) else 0
             plan.remask_count = torch.full_like(plan.unmask, k)
-        logits, quality = _pass(model, tok, rows, cols, policy, extras, mask_id, state)
+        # The quality head runs only on steps that may remask (not before l_on, not in loop steps).
+        may_remask = policy != "none" and bool(((plan.remask_count if plan.remask_count is not None
+                                                 else plan.remask_rate) > 0).any())
+        logits, quality = _pass(model, tok, rows, cols, needs_quality(policy) and may_remask, extras, mask_id, state)
         remask = torch.zeros_like(msk)
         if policy != "none":  # quality and confidence describe `tok` as it is now, before this step's changes
-            remask = choose_remask(remask_priority(policy, quality, confidence[rows]), clean & plan.window,
-                                   plan.remask_count, plan.remask_rate, generator)
+            # A step that remasks nothing still draws its (unused) tie-breaks, so the random stream is the same.
+            priority = (remask_priority(policy, quality, confidence[rows]) if may_remask or not needs_quality(policy)
+                        else torch.zeros(msk.shape, dtype=torch.float64, device=msk.device))
+            remask = choose_remask(priority, clean & plan.window, plan.remask_count, plan.remask_rate, generator)
         # Draw only where a token can be unmasked: the float64 Gumbel and nucleus sort over the vocabulary
         # are the step's largest cost (at OWT's 50k vocabulary, more than the forward pass).
         r, c = fillable[:, cols].nonzero(as_tuple=True)
