@@ -1,6 +1,6 @@
 """The one sampling loop (Algorithms 2 and 3, LLaDA's blockwise sampler) for every model.
 
-Each step makes one forward pass that gives the unmasking logits and, when the policy needs it, the
+Each step makes one forward pass that gives the unmasking logits and, when the step may remask with PRISM, the
 quality of the current tokens; a schedule says where and how much to unmask and remask, a policy which
 clean tokens to remask. Fixed tokens (Sudoku clues, prompts, padding) are never changed. Rows that are
 finished (every position filled, or stopped at EOS) leave the batch, so they cost no more passes.
