@@ -34,13 +34,18 @@ def needs_quality(policy: str) -> bool:
     return policy == "prism"
 
 
+def no_quality_error(policy: str) -> ValueError:
+    """The error for a policy that reads the quality head on a model without one."""
+    return ValueError(f"sampler.policy={policy!r} needs a model with a quality head "
+                      "(fine-tune one with `prism-ds train --stage finetune`)")
+
+
 def remask_priority(policy: str, quality: torch.Tensor | None, confidence: torch.Tensor) -> torch.Tensor:
     """Priority [B, L] float64 of each position for remasking (higher first); deterministic."""
     check_policy(policy)
     if policy == "prism":
         if quality is None:
-            raise ValueError("sampler.policy='prism' needs a model with a quality head "
-                             "(fine-tune one with `prism-ds train --stage finetune`)")
+            raise no_quality_error(policy)
         return -quality.double()
     if policy == "remdm-conf":
         return -confidence.double()
