@@ -25,7 +25,7 @@ from prism_ds.codeeval.tasks import load_tasks
 from prism_ds.config import load_config
 from prism_ds.core.metrics import mean_ci95
 from prism_ds.core.sampler import SamplingExtras, sample
-from prism_ds.core.schedules import BlockwiseSchedule
+from prism_ds.core.schedules import blockwise_schedule
 from prism_ds.engine.checkpoint import load_model
 from prism_ds.models.loading import mask_token_id
 from prism_ds.text.tokenizer import load_tokenizer
@@ -76,6 +76,9 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.recipe)
     s = cfg.sampler
+    if s.canvas:
+        raise SystemExit(f"{args.recipe}: sampler.canvas={s.canvas}; this comparison uses the gen_length layout "
+                         f"(sampler.canvas=0), where every row's answer starts at the same column")
     model, mcfg = load_model(args.model)
     tokenizer = load_tokenizer(type(mcfg.text)(tokenizer=mcfg.model.path))
     mask_id = mask_token_id(mcfg.model.path, tokenizer)
@@ -88,16 +91,14 @@ def main() -> None:
             wrapped = _Compare(model)
             filled, nll, calls = [], [], []
             for start in range(0, len(tasks), cfg.codeeval.batch_size):
-                tokens, fixed, attention, width = prompt_batch(tokenizer, tasks[start:start + cfg.codeeval.batch_size],
-                                                               cfg, mask_id, "cpu")
-                am = None if attention.all() else attention
-                out = sample(wrapped, tokens, fixed, mask_id, s.steps[0],
-                             BlockwiseSchedule(width, s.gen_length, s.block_length, s.k_block), policy=policy,
-                             unmask_order=s.unmask_order, temperature=s.temperature,
+                batch = prompt_batch(tokenizer, tasks[start:start + cfg.codeeval.batch_size], cfg, mask_id, "cpu")
+                width = int(batch.starts[0])  # the gen_length layout: every row's answer starts there
+                out = sample(wrapped, batch.tokens, batch.fixed, mask_id, s.steps[0], blockwise_schedule(s),
+                             policy=policy, unmask_order=s.unmask_order, temperature=s.temperature,
                              generator=torch.Generator().manual_seed(start),
-                             extras=SamplingExtras(attention_mask=am, calls=calls, **extra))
+                             extras=SamplingExtras(attention_mask=batch.attention_mask, calls=calls, **extra))
                 filled.append(out[:, width:])
-                nll.append(pseudo_nll(model, out, slice(width, None), mask_id, am))
+                nll.append(pseudo_nll(model, out, slice(width, None), mask_id, batch.attention_mask))
             outputs[policy, mode], nll = torch.cat(filled), torch.cat(nll)
             base = outputs[policy, "uncached"]
             results[policy, mode] = {

@@ -78,6 +78,9 @@ class PrismConfig:
     temperature: float = 1.0  # 0 fills y with argmax tokens
     lam: float = 5.0
     y_window: int = 0  # > 0: y positions only among the first y_window maskable positions (LLaDA run: 512)
+    # > 0: only the first mask_window answer positions may be masked; later answer and EOS-pad positions are always
+    # clean context (the authors' LLaDA run: 512), and the MDM normaliser is each sample's maskable count.
+    mask_window: int = 0
 
 
 @dataclass
@@ -94,7 +97,9 @@ class StageConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # fraction of steps; use this or warmup_steps, not both
     lr_schedule: str = "constant_with_warmup"  # any transformers.get_scheduler name
-    lr_cycles: int = 1  # restarts of cosine_with_restarts (the paper's LLaDA run uses 5)
+    # num_cycles of the cosine schedules; 0 = the schedule's own default (cosine: 0.5, a half period down to 0;
+    # cosine_with_restarts: 1). The authors' LLaDA run: cosine with 5 (five full periods, ending at the peak).
+    lr_cycles: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 disables EMA
     freeze_backbone: bool = False
@@ -133,6 +138,13 @@ class TextDataConfig:
     solution_field: str = "solution"
     messages_field: str = ""  # non-empty: read chat messages [{role, content}] from this column instead
     template: str = "{prompt}"  # plain template for the prompt when the tokenizer has no chat template
+    # How a prompt (and its solution) becomes tokens; one definition for training and code-eval:
+    #   auto        the tokenizer's chat template when it has one, else `template` (+ BOS)
+    #   chat        the tokenizer's chat template (an error when it has none)
+    #   template    `template` (+ BOS)
+    #   prism_code  the PRISM authors' raw code instruction (no special tokens), solution wrapped in <py> tags
+    prompt_format: str = "auto"
+    entry_point_field: str = "entry_point"  # prism_code: the column naming the function to define
     tokenizer: str = ""  # local directory (or hub name when online)
     max_length: int = 512  # tokens per sequence, prompt + solution + EOS
     overlong: str = "truncate"  # truncate (the answer) | drop (the sample)
@@ -171,7 +183,14 @@ class SamplerConfig:
     eos_confidence: float = 1.0  # < 1 ranks EOS proposals lower when choosing what to unmask (confidence order)
     stop_at_eos: bool = False  # stop a sample once a finished block holds EOS (the rest is EOS)
     cache: str = "none"  # none | prefix | dual: KV cache of the LLaDA backbone (Fast-dLLM style)
-    threshold: float = 0.0  # > 0: unmask every masked token of the block above this confidence (at least one)
+    threshold: float = 0.0  # > 0: unmask every masked token of the block at or above this confidence (at least one)
+    # With a threshold: "ignore" (Fast-dLLM) passes over a block until it is full, whatever `steps` says; "cap"
+    # makes a block's planned steps the most it gets (its last planned step fills what is left).
+    threshold_steps: str = "ignore"
+    # > 0: the PRISM authors' LLaDA canvas: prompt + masks up to `canvas` positions per row, blocks of block_length
+    # from each row's prompt end to the canvas end, steps // (canvas // block_length) steps per block. 0: prompt +
+    # gen_length masks (LLaDA's own generate.py).
+    canvas: int = 0
     # Algorithm 2 (OWT) and the loop samplers; "policy:count/loop" rows (see core/schedules).
     remask_start: float = 0.0  # l_on as a fraction of N: nothing is remasked before step ceil(remask_start * N)
     eta_steps: float = 0.0  # > 0: eta = eta_steps / N (the paper's OWT rule uses 2.56); 0 uses `eta`
@@ -208,10 +227,18 @@ class TextEvalConfig:
     batch_size: int = 32  # sequences per sampler batch
     scorer: str = "gpt2-large"  # causal LM folder (or hub name) for generative perplexity
     scorer_batch_size: int = 8
+    # The scorer's weights: float32 (MDLM, ReMDM and the PRISM authors) or bfloat16 (faster, other numbers); every
+    # score records it, and a table refuses cells scored in different dtypes.
+    scorer_dtype: str = "float32"
     featurizer: str = "gpt2-large"  # MAUVE's featuriser model folder (or hub name): mauve-text's default
     mauve_references: int = 5000  # held-out documents that are MAUVE's human text
     out_dir: str = ""  # empty = <run_dir>/text_eval
     scorer_steps: int = 600  # the CPU text demo: training steps of the small GPT-2 it trains as scorer/featuriser
+
+    def __post_init__(self) -> None:
+        """Refuse a scorer dtype gen-PPL cannot use before anything is sampled."""
+        if self.scorer_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"text_eval.scorer_dtype={self.scorer_dtype!r}: expected float32 or bfloat16")
 
 
 @dataclass

@@ -44,7 +44,7 @@ def _run(policy="prism", steps=12, k_block=2, batch=32, extras=None, model=None,
     extras = extras or SamplingExtras(history=[])
     if extras.history is None:
         extras.history = []
-    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(PROMPT, GEN, BLOCK, k_block), policy=policy,
+    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(BLOCK, k_block, gen_length=GEN), policy=policy,
                  unmask_order=order, temperature=temperature, generator=torch.Generator().manual_seed(0),
                  extras=extras)
     return tokens, out, model, extras.history
@@ -127,7 +127,7 @@ def test_padding_mask_reaches_the_model_and_cfg_adds_an_unconditional_pass():
     am[:2, :2] = 0  # two left-padded rows
     model = Recorder()
     extras = SamplingExtras(attention_mask=am, cfg_scale=1.5, cfg_mask=fixed)
-    sample(model, tokens, fixed, MASK, 6, BlockwiseSchedule(PROMPT, GEN, BLOCK), extras=extras,
+    sample(model, tokens, fixed, MASK, 6, BlockwiseSchedule(BLOCK, gen_length=GEN), extras=extras,
            generator=torch.Generator().manual_seed(0))
     assert all(len(c) == 8 for c in model.calls)  # conditional + unconditional rows in one pass
     assert (model.calls[0][4:, :PROMPT] == MASK).all()  # the prompt is masked for the unconditional half
@@ -136,8 +136,8 @@ def test_padding_mask_reaches_the_model_and_cfg_adds_an_unconditional_pass():
 
 def test_bad_blockwise_settings_are_named():
     with pytest.raises(ValueError, match="block_length=5 must divide sampler.gen_length=12"):
-        BlockwiseSchedule(PROMPT, GEN, 5)
+        BlockwiseSchedule(5, gen_length=GEN)
     with pytest.raises(ValueError, match="steps=10 must be a multiple of the number of blocks"):
         _run("none", steps=10)
     with pytest.raises(ValueError, match="remask_count='binomial' is only for the even schedule"):
-        BlockwiseSchedule(PROMPT, GEN, BLOCK, 2, remask_count="binomial")
+        BlockwiseSchedule(BLOCK, 2, gen_length=GEN, remask_count="binomial")

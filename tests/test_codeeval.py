@@ -187,6 +187,23 @@ def test_generate_with_the_dual_cache_and_threshold_decoding(tiny_llada, tmp_pat
     assert "sampler.threshold=1.5 must be in (0, 1]" in capsys.readouterr().err
 
 
+@needs_mbpp
+def test_generate_on_the_authors_canvas_starts_every_answer_after_its_own_prompt(tiny_llada, tmp_path, capsys):
+    """sampler.canvas: rows are prompt + masks to the canvas's end, unpadded; argmax and vanilla sampling are
+    deterministic, so a batch of prompts of different lengths gives what each prompt gives alone."""
+    canvas = ("sampler.canvas=512", "sampler.block_length=32", "sampler.steps=32", "sampler.policies=[none]")
+    outs = {}
+    for size in (2, 1):
+        outs[size] = tmp_path / f"canvas{size}.jsonl"
+        assert main(_generate_args(tiny_llada, outs[size], *canvas, f"codeeval.batch_size={size}")) == 0
+    batched, alone = ([json.loads(line) for line in outs[n].read_text().splitlines()] for n in (2, 1))
+    assert [r["raw"] for r in batched] == [r["raw"] for r in alone] and any(r["raw"] for r in batched)
+    assert batched[0]["settings"]["canvas"] == 512 and batched[0]["settings"]["gen_length"] is None
+    assert main(_generate_args(tiny_llada, tmp_path / "x.jsonl", "sampler.canvas=64", "sampler.block_length=16",
+                               "sampler.steps=4", "sampler.policies=[none]")) == 2
+    assert "which leaves no room to generate in sampler.canvas=64" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @needs_mbpp
 def test_generation_spreads_over_two_ranks_and_merges_in_task_order(tiny_llada, tmp_path):

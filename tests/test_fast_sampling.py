@@ -39,7 +39,7 @@ def _canvas(batch=6):
 def _sample(model, policy="prism", steps=8, k_block=2, **extras):
     tokens, fixed = _canvas()
     ex = SamplingExtras(history=[], calls=[], **extras)
-    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(PROMPT, GEN, BLOCK, k_block), policy=policy,
+    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(BLOCK, k_block, gen_length=GEN), policy=policy,
                  unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0), extras=ex)
     return tokens, out, ex
 
@@ -48,7 +48,7 @@ def test_cache_off_is_the_blockwise_sampler_bit_for_bit():
     model = _model()
     _, plain, _ = _sample(model)
     tokens, fixed = _canvas()
-    default = sample(model, tokens, fixed, MASK, 8, BlockwiseSchedule(PROMPT, GEN, BLOCK, 2), policy="prism",
+    default = sample(model, tokens, fixed, MASK, 8, BlockwiseSchedule(BLOCK, 2, gen_length=GEN), policy="prism",
                      unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(plain, default)
 
@@ -163,7 +163,7 @@ def _padded(pad):
 def test_every_policy_runs_cached_with_padded_prompts_and_eos_stop(policy, cache, threshold):
     model, pad = _model(sharp=100.0 if threshold else 0.0), 3
     run = lambda tokens, fixed, prompt, **ex: sample(  # noqa: E731
-        model, tokens, fixed, MASK, 8, BlockwiseSchedule(prompt, GEN, BLOCK, 2), policy=policy,
+        model, tokens, fixed, MASK, 8, BlockwiseSchedule(BLOCK, 2, gen_length=GEN), policy=policy,
         unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0),
         extras=SamplingExtras(cache=cache, threshold=threshold, **ex))
     tokens, fixed, am = _padded(pad)
@@ -198,3 +198,49 @@ def test_a_cached_pass_with_one_layer_is_exact_after_the_slice_changes(hi):
         full = model(after, logits_cols=cols).logits
     assert torch.allclose(cached, full, atol=1e-5)
     assert not torch.allclose(model(before, logits_cols=cols).logits, full, atol=1e-3)  # the change matters
+
+
+def _fast_dllm_threshold(model, prompt: torch.Tensor, gen_length: int, block: int, threshold: float):
+    """Fast-dLLM's `generate(..., threshold=tau)` rule, re-implemented plainly (uncached, argmax): per block, passes
+    until the block is full; each pass keeps the most confident masked token of the block and every other one
+    whose confidence is >= tau. The mask token is left out of the argmax and the softmax, as in prism-ds."""
+    x = torch.cat([prompt, torch.full((len(prompt), gen_length), MASK)], 1)
+    passes = 0
+    for lo in range(prompt.shape[1], x.shape[1], block):
+        while (x[:, lo:lo + block] == MASK).any():
+            logits = model(x, need_logits=True, need_quality=False).logits.double()
+            logits[..., MASK] = float("-inf")
+            probs = logits.softmax(-1)
+            conf, x0 = probs.max(-1)
+            masked = torch.zeros_like(x, dtype=torch.bool)
+            masked[:, lo:lo + block] = x[:, lo:lo + block] == MASK
+            conf = conf.masked_fill(~masked, -1.0)
+            top = conf.argmax(1)
+            take = masked & (conf >= threshold)
+            take[torch.arange(len(x)), top] |= masked[torch.arange(len(x)), top]
+            x = torch.where(take, x0, x)
+            passes += 1
+    return x, passes
+
+
+@pytest.mark.parametrize("steps", [2, 4, 16])
+def test_threshold_ignoring_the_step_count_is_fast_dllms_rule_token_for_token(steps):
+    model = _model(sharp=30.0)
+    tokens, fixed = _canvas()
+    reference, passes = _fast_dllm_threshold(model, tokens[:, :PROMPT], GEN, BLOCK, 0.9)
+    ex = SamplingExtras(calls=[], threshold=0.9, threshold_steps="ignore")
+    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(BLOCK, 0, gen_length=GEN), policy="none",
+                 unmask_order="confidence", temperature=0.0, extras=ex)
+    assert torch.equal(out, reference) and len(ex.calls) == passes
+    # "cap": a block's planned steps are the most it gets, its last one filling what is left.
+    capped = SamplingExtras(calls=[], threshold=0.9, threshold_steps="cap")
+    sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(BLOCK, 0, gen_length=GEN), policy="none",
+           unmask_order="confidence", temperature=0.0, extras=capped)
+    assert len(capped.calls) <= min(steps, passes)
+    if steps == 2:  # one planned step per block: each block in a single pass
+        assert len(capped.calls) == 2 < passes
+
+
+def test_threshold_steps_is_checked():
+    with pytest.raises(ValueError, match="sampler.threshold_steps='sometimes'"):
+        _sample(_model(), threshold=0.5, threshold_steps="sometimes")

@@ -110,10 +110,11 @@ def test_bad_y_settings_raise():
         build_y(x, mb.z, mb.masked, logits, k=0)
 
 
-def test_nucleus_keeps_smallest_set_reaching_p():
+def test_nucleus_keeps_tokens_while_the_cumulative_probability_is_at_most_p():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = torch.isfinite(nucleus_filter(logits, 0.7))
+    kept = torch.isfinite(nucleus_filter(logits, 0.85))
     assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(nucleus_filter(logits, 0.7)).sum() == 1  # MDLM's rule: 0.3 would cross 0.7, so it goes
     assert torch.isfinite(nucleus_filter(logits, 0.4)).sum() == 1
     # top_p <= 0 still keeps the most likely token (an all -inf row would sample token 0).
     assert torch.isfinite(nucleus_filter(logits, 0.0)).tolist() == [[True, False, False, False]]

@@ -280,3 +280,55 @@ def test_the_quality_head_runs_only_on_steps_that_may_remask():
     n_gen = schedule.gen_steps
     assert not any(model.asked[:math.ceil(0.5 * n_gen)]) and not any(model.asked[n_gen:])
     assert any(model.asked[math.ceil(0.5 * n_gen):n_gen])
+
+
+def _remdm_transition(sampler: str, alpha_t: float, alpha_s: float, eta: float) -> tuple[float, float]:
+    """ReMDM's `_ddpm_caching_update` (and MDLM's) per-position rule, re-implemented plainly: (expected tokens
+    remasked per clean token (cap) or per row (conf: the softmax weights sum to one), P(a masked token stays
+    masked))."""
+    smax = min(1.0, (1 - alpha_s) / alpha_t) if alpha_t > 0 else 1.0
+    if sampler == "mdlm":
+        return 0.0, (1 - alpha_s) / (1 - alpha_t)
+    if sampler == "remdm-cap":
+        sigma = min(eta, smax) if alpha_t > 0 else eta
+        return sigma, (1 - alpha_s - sigma * alpha_t) / (1 - alpha_t)
+    return smax, (1 - alpha_s) / (1 - alpha_t)  # remdm-conf: sigma_i = softmax(-conf)_i * sigma_max, 0 on masks
+
+
+@pytest.mark.parametrize("row,sampler", [("none/ancestral", "mdlm"), ("remdm:binomial/ancestral", "remdm-cap"),
+                                         ("remdm-conf:per-token/ancestral", "remdm-conf")])
+def test_ancestral_rows_take_mdlm_and_remdm_transition_probabilities(row, sampler):
+    steps, eta = 5, 0.3
+    history, _, fixed, _, out, start = _run(row, steps, batch=3000, eta=eta)
+    assert len(history) == steps and (out != MASK).all() and torch.equal(out[:, :N_FIXED], start[:, :N_FIXED])
+    for step, (before, (after, remasked, _)) in enumerate(zip(_before(history, start), history)):
+        remask, stay = _remdm_transition(sampler, step / steps, (step + 1) / steps, eta)
+        was_masked, was_clean = (before == MASK) & ~fixed, (before != MASK) & ~fixed
+        assert abs(((after == MASK) & was_masked).sum() / was_masked.sum() - stay) < 0.01, step
+        if sampler == "remdm-cap" and was_clean.any():
+            assert abs(remasked.sum() / was_clean.sum() - remask) < 0.01, step
+        if sampler == "remdm-conf" and was_clean.any():
+            assert abs(remasked.sum(1).double().mean() - remask) < 0.05, step
+        if sampler == "mdlm":
+            assert not remasked.any()
+
+
+def test_ancestral_needs_a_rate_count():
+    assert parse_row("none/ancestral") == ("none", "fixed", "ancestral")
+    with pytest.raises(ValueError, match="ancestral sampling remasks by a rate"):
+        parse_row("remdm/ancestral")
+
+
+def test_nucleus_drops_the_token_that_crosses_p():
+    """MDLM, ReMDM and the authors keep a token while the cumulative probability is <= p, and the argmax always."""
+    from prism_ds.core.sampling_utils import nucleus_filter, sample_tokens
+
+    logits = torch.tensor([[0.85, 0.10, 0.05], [0.5, 0.3, 0.2], [0.95, 0.03, 0.02]]).log()
+    kept = nucleus_filter(logits, 0.9).isfinite()
+    assert kept.tolist() == [[True, False, False], [True, True, False], [True, False, False]]
+    assert nucleus_filter(logits, 0.0).isfinite().sum(1).tolist() == [1, 1, 1]
+    # ReMDM-conf stores the probability under the renormalised nucleus: 0.3 / 0.8 for the second row's token 1.
+    draw = sample_tokens(logits[1:2].repeat(4000, 1), top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert set(draw.tokens.tolist()) == {0, 1}
+    assert torch.allclose(draw.drawn_prob[draw.tokens == 1], torch.tensor(0.3 / 0.8, dtype=torch.float64))
+    assert torch.allclose(draw.prob[draw.tokens == 1], torch.tensor(0.3, dtype=torch.float64))

@@ -94,6 +94,63 @@ def test_gen_ppl_equals_a_hand_computation(tiny_lm):
     assert out["sample_nll"] == pytest.approx(per_sample, rel=1e-5)
 
 
+def test_scorer_is_fp32_by_default_on_every_device_and_the_dtype_is_recorded(tiny_lm, tmp_path, monkeypatch):
+    """MDLM, ReMDM and the PRISM authors score gen-PPL with fp32 weights; bf16 only when asked, and recorded."""
+    from prism_ds.config import TextEvalConfig, load_config
+
+    folder, _ = tiny_lm
+    assert TextEvalConfig().scorer_dtype == "float32"
+    assert load_config("owt_gpu").text_eval.scorer_dtype == "float32"
+    texts = ["a1 a2 a3", "b5 b6 a0 a1 a2 a3 a4 a5 a6 a7 a8"]
+    out = metrics.generative_perplexity(texts, folder)
+    model = metrics._CACHE["scorer"][1]
+    assert out["scorer_dtype"] == "float32" and all(p.dtype == torch.float32 for p in model.parameters())
+    half = metrics.generative_perplexity(texts, folder, dtype="bfloat16")
+    assert half["scorer_dtype"] == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in metrics._CACHE["scorer"][1].parameters())
+    assert half["gen_ppl"] == pytest.approx(out["gen_ppl"], rel=0.05) and half["gen_ppl"] != out["gen_ppl"]
+    # The default does not depend on the device (it used to be bf16 on CUDA): see what a GPU run would load.
+    seen = {}
+
+    def stop(name, role, setting, causal, device, dtype):
+        seen.update(device=device.type, dtype=dtype)
+        raise RuntimeError("stop before loading")
+
+    with monkeypatch.context() as m:
+        m.setattr(metrics, "_cached", stop)
+        with pytest.raises(RuntimeError, match="stop before loading"):
+            metrics.generative_perplexity(texts, folder, device="cuda")
+    assert seen == {"device": "cuda", "dtype": torch.float32}
+    # Scores record the dtype; a table refuses cells (or a data row) scored in another one.
+    def make_batch(b, size):
+        return [{"text": t} for t in sentences(WORDS_A, size, b)]
+
+    path = fill_cell(tmp_path / "none_8.jsonl", {"policy": "none", "steps": 8, "seed": 0}, 6, 6, make_batch,
+                     progress=False)
+    fp32 = table.score_cell(path, folder)
+    assert fp32["score_settings"]["scorer_dtype"] == "float32"
+    other = fill_cell(tmp_path / "prism_8.jsonl", {"policy": "prism", "steps": 8, "seed": 0}, 6, 6, make_batch,
+                      progress=False)
+    bf16 = table.score_cell(other, folder, scorer_dtype="bfloat16")
+    assert bf16["score_settings"]["scorer_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"scored differently \(score\.scorer_dtype\)"):
+        table.table2([fp32, bf16])
+    data = table.score_references(sentences(WORDS_A, 5, 1), folder, tmp_path / "data.json", scorer_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"\(data row\) .* scored differently \(score\.scorer_dtype\)"):
+        table.table2([data, fp32])
+    assert "gen-PPL under " + str(folder) + " (float32)" in table.table2([fp32])
+
+
+@pytest.mark.parametrize("value", ["float16", "fp32", "bf16"])
+def test_a_bad_scorer_dtype_is_named(value, tmp_path):
+    from prism_ds.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"text_eval\.scorer_dtype='{value}': expected float32 or bfloat16"):
+        load_config("owt_gpu", [f"text_eval.scorer_dtype={value}"])
+    with pytest.raises(ConfigError, match=rf"text_eval\.scorer_dtype='{value}': expected one of float32, bfloat16"):
+        metrics.generative_perplexity(["a1"], tmp_path, dtype=value)
+
+
 def test_entropy():
     assert metrics.unigram_entropy([7] * 50) == 0.0
     assert metrics.unigram_entropy(list(range(13)) * 4) == pytest.approx(math.log(13))

@@ -52,9 +52,48 @@ def test_cosine_with_restarts_has_the_configured_cycles_after_warmup_ratio():
     assert restarts == 4  # 5 cycles = 4 jumps back to the peak
 
 
+def _lrs(stage: StageConfig) -> list[float]:
+    """The learning rate of every step of a stage's schedule (peak 1.0)."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, lrs = build_scheduler(opt, stage, "finetune"), []
+    for _ in range(stage.steps + 1):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_cosine_with_lr_cycles_is_hf_cosine_with_num_cycles_as_the_authors_run_it():
+    from transformers import get_cosine_schedule_with_warmup
+
+    steps, warmup = 1000, 50  # 5% warmup as in llada_8b
+    lrs = _lrs(StageConfig(steps=steps, lr=1.0, warmup_ratio=0.05, lr_schedule="cosine", lr_cycles=5))
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf, expect = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=steps,
+                                                 num_cycles=5), []
+    for _ in range(steps + 1):
+        expect.append(hf.get_last_lr()[0])
+        opt.step()
+        hf.step()
+    for step in (0, 25, warmup, warmup + 95, 500, warmup + 855, steps - 1, steps):  # start, warmup, mid, end
+        assert lrs[step] == pytest.approx(expect[step], abs=1e-12), step
+    assert lrs[warmup] == 1.0 and lrs[warmup + 95] == pytest.approx(0.0, abs=1e-12)  # a trough per 190 steps
+    assert lrs[steps] == pytest.approx(1.0)  # five full periods end back at the peak
+    # Smooth, not a sawtooth: no step jumps by more than a cosine step can.
+    assert max(abs(a - b) for a, b in zip(lrs[warmup:], lrs[warmup + 1:])) < 0.02
+    # lr_cycles 0 keeps each schedule's own default: half a period for cosine, one cycle with restarts.
+    half = _lrs(StageConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="cosine"))
+    assert half[10] == 1.0 and half[55] == pytest.approx(0.5) and half[100] == pytest.approx(0.0, abs=1e-12)
+    one = _lrs(StageConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="cosine_with_restarts"))
+    assert one[:100] == pytest.approx(half[:100])
+
+
 @pytest.mark.parametrize("stage, message", [
     (StageConfig(warmup_steps=5, warmup_ratio=0.1), "warmup_steps=5 and finetune.warmup_ratio=0.1 are both set"),
-    (StageConfig(lr_cycles=3), "lr_cycles=3 only applies to lr_schedule=cosine_with_restarts"),
+    (StageConfig(lr_cycles=3), "finetune.lr_cycles=3 must be >= 0 and only applies to lr_schedule=cosine or "
+                               "cosine_with_restarts"),
+    (StageConfig(lr_schedule="cosine", lr_cycles=-1), "finetune.lr_cycles=-1 must be >= 0"),
+    (StageConfig(lr_schedule="linear", lr_cycles=5), "lr_cycles=5 .* \\(got linear\\)"),
     (StageConfig(lr_schedule="zigzag"), "lr_schedule='zigzag'"),
 ])
 def test_bad_schedule_settings_are_named(stage, message):

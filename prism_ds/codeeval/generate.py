@@ -11,23 +11,36 @@ into `<out>.rank<r>.jsonl` and rank 0 merges.
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from prism_ds.codeeval.extract import complete_program, extract_code
-from prism_ds.codeeval.tasks import CodeTask, check_benchmark, load_tasks, select
+from prism_ds.codeeval.tasks import CodeTask, check_benchmark, load_tasks, select, task_prompt_ids
 from prism_ds.config import RunConfig, to_dict
 from prism_ds.core.remask import parse_variant
 from prism_ds.core.sampler import SamplingExtras, check_fast_sampling, sample
-from prism_ds.core.schedules import BlockwiseSchedule
+from prism_ds.core.schedules import blockwise_schedule
 from prism_ds.jsonl import jsonl_rows
 
-SETTING_KEYS = ("gen_length", "block_length", "steps", "k_block", "policies", "unmask_order", "temperature",
-                "top_p", "cfg_scale", "forbid_eos", "eos_confidence", "stop_at_eos", "seed", "cache", "threshold")
+SETTING_KEYS = ("canvas", "gen_length", "block_length", "steps", "k_block", "policies", "unmask_order", "temperature",
+                "top_p", "cfg_scale", "forbid_eos", "eos_confidence", "stop_at_eos", "seed", "cache", "threshold",
+                "threshold_steps")
+
+
+class PromptBatch(NamedTuple):
+    """A batch's canvas: tokens and fixed positions [B, L], the padding mask (None without padding) and where each
+    row's answer starts [B]."""
+
+    tokens: torch.Tensor
+    fixed: torch.Tensor
+    attention_mask: torch.Tensor | None
+    starts: torch.Tensor
 
 
 def settings_of(cfg: RunConfig, model_dir: str, benchmark: str) -> dict:
@@ -35,7 +48,9 @@ def settings_of(cfg: RunConfig, model_dir: str, benchmark: str) -> dict:
     s = to_dict(cfg.sampler)
     out = {k: s[k] for k in SETTING_KEYS}
     out["steps"], out["policy"] = out["steps"][0], out.pop("policies")[0]
-    return {"benchmark": benchmark, "model": str(Path(model_dir).resolve()), "n_samples": cfg.codeeval.n_samples,
+    if out["canvas"]:  # gen_length plays no part in the canvas layout
+        out["gen_length"] = None
+    return {"benchmark": benchmark, "prompt_format": cfg.text.prompt_format, "model": str(Path(model_dir).resolve()), "n_samples": cfg.codeeval.n_samples,
             "tasks": cfg.codeeval.tasks, "merge_adapter": cfg.codeeval.merge_adapter,
             "batch_size": cfg.codeeval.batch_size, "remask_count": cfg.sampler.remask_count, **out}
 
@@ -61,18 +76,33 @@ def _check(cfg: RunConfig) -> None:
     if len(s.steps) != 1 or len(s.policies) != 1:
         raise ValueError(f"code-eval generate runs one setting: sampler.steps={s.steps} and sampler.policies="
                          f"{s.policies} must each have one value (the sweep command runs several)")
-    _, count = parse_variant(s.policies[0], s.remask_count)
-    BlockwiseSchedule(0, s.gen_length, s.block_length, s.k_block, count).steps_per_block(s.steps[0])
-    check_fast_sampling(s.cache, s.threshold or None)  # before the model loads
+    policy, count = parse_variant(s.policies[0], s.remask_count)
+    blockwise_schedule(s, count).check(s.steps[0], planned_remasks=policy != "none" and not s.threshold)
+    check_fast_sampling(s.cache, s.threshold or None, s.threshold_steps)  # before the model loads
     if cfg.codeeval.n_samples < 1 or cfg.codeeval.batch_size < 1:
         raise ValueError("codeeval.n_samples and codeeval.batch_size must be >= 1")
 
 
-def prompt_batch(tokenizer, tasks: list[CodeTask], cfg: RunConfig, mask_id: int, device) -> tuple:
-    """Left-padded prompts followed by gen_length masks: (tokens, fixed, attention_mask, prompt width)."""
-    from prism_ds.text.tokenizer import encode_prompt
+def prompt_batch(tokenizer, tasks: list[CodeTask], cfg: RunConfig, mask_id: int, device) -> PromptBatch:
+    """The sampler's canvas for a batch of tasks, in the layout sampler.canvas chooses.
 
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": t.instruction}], t.instruction) for t in tasks]
+    canvas > 0 (the PRISM authors'): each row is its prompt followed by masks up to `canvas` positions; no
+    padding, so every row's blocks start right after its own prompt. canvas = 0 (LLaDA's generate.py): prompts
+    left-padded to the longest, then gen_length masks; the padding is hidden from attention.
+    """
+    prompts = [task_prompt_ids(tokenizer, t, cfg.text) for t in tasks]
+    canvas = cfg.sampler.canvas
+    if canvas:
+        for task, ids in zip(tasks, prompts):
+            if len(ids) >= canvas:
+                raise ValueError(f"task {task.task_id}: its prompt has {len(ids)} tokens, which leaves no room to "
+                                 f"generate in sampler.canvas={canvas}")
+        tokens = torch.full((len(tasks), canvas), mask_id, dtype=torch.long)
+        fixed = torch.zeros_like(tokens, dtype=torch.bool)
+        for i, ids in enumerate(prompts):
+            tokens[i, :len(ids)], fixed[i, :len(ids)] = torch.tensor(ids), True
+        starts = torch.tensor([len(ids) for ids in prompts])
+        return PromptBatch(tokens.to(device), fixed.to(device), None, starts)
     width, gen = max(map(len, prompts)), cfg.sampler.gen_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokens = torch.full((len(tasks), width + gen), mask_id, dtype=torch.long)
@@ -82,7 +112,8 @@ def prompt_batch(tokenizer, tasks: list[CodeTask], cfg: RunConfig, mask_id: int,
         tokens[i, width - len(ids):width] = torch.tensor(ids)
     fixed = torch.zeros_like(tokens, dtype=torch.bool)
     fixed[:, :width] = True  # the prompt (and its padding) is never changed
-    return tokens.to(device), fixed.to(device), attention.to(device), width
+    return PromptBatch(tokens.to(device), fixed.to(device), None if attention.all() else attention.to(device),
+                       torch.full((len(tasks),), width))
 
 
 def _stop_ids(tokenizer) -> set[int]:
@@ -120,6 +151,11 @@ def generate(benchmark: str, model_dir: str, cfg: RunConfig, out: str | Path, pr
     batches = [(b, chunk) for b, chunk in batches if any((str(t.task_id), k) not in done for t, k in chunk)]
     if batches:
         model, model_cfg = load_model(model_dir, dist_utils.device(), merge_adapter=cfg.codeeval.merge_adapter)
+        if (Path(model_dir) / "meta.json").exists() and model_cfg.task == "text" \
+                and model_cfg.text.prompt_format != cfg.text.prompt_format:
+            warnings.warn(f"{model_dir} was fine-tuned with text.prompt_format={model_cfg.text.prompt_format!r}; "
+                          f"these prompts use {cfg.text.prompt_format!r} (set text.prompt_format to match)",
+                          stacklevel=2)
         base = model_cfg.model.path
         tokenizer = load_tokenizer(replace(model_cfg.text, tokenizer=model_cfg.text.tokenizer or base))
         mask_id, vocab = mask_token_id(base, tokenizer), vocab_size(base)
@@ -133,20 +169,20 @@ def generate(benchmark: str, model_dir: str, cfg: RunConfig, out: str | Path, pr
                    disable=not progress)
         for b, chunk in batches:
             device = tokens_device(model)
-            tokens, fixed, attention, width = prompt_batch(tokenizer, [t for t, _ in chunk], cfg, mask_id, device)
-            extras = SamplingExtras(attention_mask=attention if not attention.all() else None, cfg_scale=s.cfg_scale,
-                                    cfg_mask=fixed, eos_id=tokenizer.eos_token_id, eos_confidence=s.eos_confidence,
-                                    stop_at_eos=s.stop_at_eos, cache=s.cache, threshold=s.threshold or None)
-            schedule = BlockwiseSchedule(width, s.gen_length, s.block_length, s.k_block, remask_count=count)
+            batch = prompt_batch(tokenizer, [t for t, _ in chunk], cfg, mask_id, device)
+            extras = SamplingExtras(attention_mask=batch.attention_mask, cfg_scale=s.cfg_scale, cfg_mask=batch.fixed,
+                                    eos_id=tokenizer.eos_token_id, eos_confidence=s.eos_confidence,
+                                    stop_at_eos=s.stop_at_eos, cache=s.cache, threshold=s.threshold or None,
+                                    threshold_steps=s.threshold_steps)
             gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{s.seed}:{b}".encode()))
-            filled = sample(model, tokens, fixed, mask_id, s.steps[0], schedule, policy=policy,
-                            unmask_order=s.unmask_order, temperature=s.temperature, top_p=s.top_p,
+            filled = sample(model, batch.tokens, batch.fixed, mask_id, s.steps[0], blockwise_schedule(s, count),
+                            policy=policy, unmask_order=s.unmask_order, temperature=s.temperature, top_p=s.top_p,
                             allowed_tokens=allowed.to(device), generator=gen, extras=extras)
             with part.open("a", encoding="utf-8") as fh:
-                for (task, k), ids in zip(chunk, filled[:, width:].tolist()):
+                for (task, k), ids, start in zip(chunk, filled.tolist(), batch.starts.tolist()):
                     if (str(task.task_id), k) in done:  # a batch cut short by an interruption is redone whole
                         continue
-                    raw = _decode(tokenizer, ids)
+                    raw = _decode(tokenizer, ids[start:])
                     code = complete_program(extract_code(raw, task.entry_point), task.prompt_code, task.entry_point)
                     fh.write(json.dumps({"task_id": task.task_id, "solution": code, "raw": raw, "sample": k,
                                          "settings": settings}) + "\n")

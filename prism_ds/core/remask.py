@@ -11,7 +11,9 @@ The schedule's remask count (schedules.REMASK_COUNTS) turns priorities into a ch
   fixed, binomial  a count K per row; the K highest priorities are remasked, ties at random
   per-token        each clean token independently with probability sigma_t * softmax(priority)_i
 The published ReMDM variants (Wang et al. 2025) are then ReMDM-cap = remdm with binomial counts and
-sigma_t = min(eta, sigma_max), and ReMDM-conf = remdm-conf with per-token draws and sigma_t = sigma_max.
+sigma_t = min(eta, sigma_max), and ReMDM-conf = remdm-conf with per-token draws and sigma_t = sigma_max, both
+with ancestral unmasking (rows "remdm:binomial/ancestral", "remdm-conf:per-token/ancestral"); without
+"/ancestral" the same remask rules run with the deterministic unmask count of Algorithms 2 and 3.
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def choose_remask(priority: torch.Tensor, eligible: torch.Tensor, count: torch.T
 def parse_row(spec: str, default_count: str = "fixed") -> tuple[str, str, str]:
     """A sampler row "policy[:count][/schedule]" (e.g. "prism:binomial/loop") -> (policy, count, schedule kind).
 
-    The schedule kind is one of SCHEDULE_KINDS, "even" when left out. A loop needs a remasking policy, and
+    The schedule kind is one of SCHEDULE_KINDS, "even" when left out ("ancestral": the published MDLM / ReMDM
+    sampler, each masked token unmasking independently; it needs a rate count). A loop needs a remasking policy, and
     "remdm-loop" has its own count rule (binomial at sampler.loop_eta), so its count is always "binomial".
     """
     head, slash, kind = spec.partition("/")
@@ -77,7 +80,10 @@ def parse_row(spec: str, default_count: str = "fixed") -> tuple[str, str, str]:
     check_policy(policy)
     if count not in REMASK_COUNTS:
         raise ValueError(f"sampler.policies: {spec!r}: remask count {count!r} is not one of {REMASK_COUNTS}")
-    if kind != "even" and policy == "none":
+    if kind == "ancestral" and policy != "none" and count == "fixed":
+        raise ValueError(f"sampler.policies: {spec!r}: ancestral sampling remasks by a rate; use :binomial "
+                         f"(ReMDM-cap) or :per-token (ReMDM-conf)")
+    if kind in ("loop", "remdm-loop") and policy == "none":
         raise ValueError(f"sampler.policies: {spec!r}: policy 'none' remasks nothing, so a /{kind} schedule "
                          f"needs a remasking policy")
     if kind == "remdm-loop":

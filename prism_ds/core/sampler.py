@@ -10,13 +10,17 @@ Fast sampling for backbones with a KV cache (prism-ds's LLaDA), Fast-dLLM style:
                   other steps recompute the window and everything after it, reading the prefix (prompt,
                   finished blocks) from the cache
   cache="dual"    the other steps recompute the window only; the suffix is read from the cache too
-  threshold=tau   a step unmasks every masked token of the window whose probability exceeds tau (at
-                  least one; everything on the window's last step) instead of the schedule's count
+  threshold=tau   a step unmasks every masked token of the window whose probability is at least tau (at
+                  least one) instead of the schedule's count; with threshold_steps="ignore" (Fast-dLLM's
+                  rule, the default) a block takes passes until it is full, whatever the step count plans;
+                  with "cap" its last planned step fills it
 Remasking reads the quality of the same (partial) pass, for the window's tokens. Without a threshold
 it keeps the schedule's plan (K_block per block on its planned steps) and every step makes one pass.
 With a threshold, a block's K_block remasks all happen in its second pass (the first one with decoded
 tokens to judge), so the remasked tokens are refilled in passes the block mostly needs anyway; a step
 with nothing left to unmask or remask makes no pass, and a block ends as soon as it is filled.
+A schedule may instead give each masked token an unmask probability (ancestral sampling: MDLM and the
+published ReMDM samplers); then those draws, not a count, decide what is unmasked.
 """
 from __future__ import annotations
 
@@ -55,18 +59,22 @@ class SamplingExtras:
     history: list | None = field(default=None, repr=False)
     cache: str = "none"  # none | prefix | dual (backbones without a KV cache fall back to none, with a warning)
     threshold: float | None = None  # confidence-threshold parallel decoding, in (0, 1]
+    threshold_steps: str = "ignore"  # ignore: a block takes passes until full (Fast-dLLM) | cap: planned steps cap them
     calls: list | None = field(default=None, repr=False)  # receives (rows, positions computed) of every pass
 
 
 CACHE_MODES = ("none", "prefix", "dual")
+THRESHOLD_STEPS = ("ignore", "cap")  # Fast-dLLM: a block takes passes until full | its planned steps cap them
 
 
-def check_fast_sampling(cache: str, threshold: float | None) -> None:
+def check_fast_sampling(cache: str, threshold: float | None, threshold_steps: str = "ignore") -> None:
     """Raise a ValueError naming the setting when the cache mode or the threshold is not valid."""
     if cache not in CACHE_MODES:
         raise ValueError(f"sampler.cache={cache!r}: expected one of {CACHE_MODES}")
     if threshold is not None and not 0 < threshold <= 1:
         raise ValueError(f"sampler.threshold={threshold} must be in (0, 1] (0 in a config turns it off)")
+    if threshold_steps not in THRESHOLD_STEPS:
+        raise ValueError(f"sampler.threshold_steps={threshold_steps!r}: expected one of {THRESHOLD_STEPS}")
 
 
 def _forward(model, tokens, need_quality: bool, extras: SamplingExtras, attention_mask, cfg_mask, mask_id: int,
@@ -126,18 +134,22 @@ def _pass(model, tok, rows, cols, need_quality: bool, extras, mask_id, state: _K
 _DRAW_CHUNK = 8192  # positions per float64 draw: at OWT's 50k vocabulary one buffer is 3.3 GB, not B x L x V x 8 B
 
 
-def _draw(logits, rows, cols, mask_id: int, allowed_tokens, temperature: float, top_p: float, generator):
-    """Tokens and their probabilities at the (rows, cols) positions of logits [B, W, V], in float64 chunks."""
+def _draw(logits, rows, cols, mask_id: int, allowed_tokens, temperature: float, top_p: float, generator,
+          need_drawn_prob: bool):
+    """Tokens at the (rows, cols) positions of logits [B, W, V], their model probabilities and (need_drawn_prob)
+    the probabilities under the (nucleus-renormalised) distribution they were drawn from, in float64 chunks."""
     drawn = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     prob = torch.empty(len(rows), dtype=torch.float64, device=logits.device)
+    drawn_prob = torch.empty_like(prob)
     for i in range(0, len(rows), _DRAW_CHUNK):
         part = slice(i, i + _DRAW_CHUNK)
         sub = logits[rows[part], cols[part]].double()
         sub[..., mask_id] = float("-inf")  # a sampled token is never the mask
         if allowed_tokens is not None:  # e.g. only digits may fill a Sudoku cell
             sub[..., ~allowed_tokens] = float("-inf")
-        drawn[part], prob[part] = sample_tokens(sub, temperature=temperature, top_p=top_p, generator=generator)
-    return drawn, prob
+        drawn[part], prob[part], drawn_prob[part] = sample_tokens(sub, temperature=temperature, top_p=top_p,
+                                                                  generator=generator, need_drawn_prob=need_drawn_prob)
+    return drawn, prob, drawn_prob
 
 
 def _stop_at_eos(tok, msk, window, eos_id: int):
@@ -147,14 +159,37 @@ def _stop_at_eos(tok, msk, window, eos_id: int):
     return tok, msk & ~done[:, None], done
 
 
+def _choose_unmask(plan, fillable, n_remasked, rank_prob, proposal_prob, extras, order: str, generator,
+                   fill_window: bool):
+    """Bool [B, L]: the masked tokens that become clean this step.
+
+    By the plan's per-token rate (ancestral sampling); else, by `order`, the plan's count plus the tokens remasked
+    this step (deterministic counts), or with a threshold every token at or above it (at least one; all of the
+    window when `fill_window`, the last planned step under threshold_steps="cap").
+    """
+    if plan.unmask_rate is not None:
+        u = torch.rand(fillable.shape, generator=generator, device=fillable.device, dtype=torch.float64)
+        return (u < plan.unmask_rate[:, None]) & fillable
+    available = fillable.sum(1)
+    if extras.threshold is None:
+        count = torch.minimum(plan.unmask + n_remasked, available)
+    elif fill_window:
+        count = available
+    else:
+        above = ((proposal_prob >= extras.threshold) & fillable).sum(1)
+        count = torch.minimum(above.clamp_min(1), available)
+    return select_top(unmask_scores(order, rank_prob, generator), fillable, count)
+
+
 @torch.no_grad()
 def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_steps: int, schedule: Schedule,
            policy: str = "none", unmask_order: str = "random", temperature: float = 1.0, top_p: float = 1.0,
            allowed_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
            progress: bool = False, extras: SamplingExtras | None = None) -> torch.Tensor:
-    """Fill every non-fixed mask in `tokens` [B, L] within num_steps forward passes; returns new tokens.
+    """Fill every non-fixed mask in `tokens` [B, L] within num_steps steps (one forward pass each); returns new tokens.
 
-    allowed_tokens: optional bool [V]; tokens outside it are never sampled.
+    allowed_tokens: optional bool [V]; tokens outside it are never sampled. Under a threshold with
+    threshold_steps="ignore" (Fast-dLLM) a block takes passes until it is full, whatever num_steps plans.
     """
     if num_steps < 1:
         raise ValueError(f"sampler steps={num_steps} must be >= 1")
@@ -163,11 +198,12 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         raise ValueError("sampler.stop_at_eos needs the tokenizer's EOS id (SamplingExtras.eos_id)")
     if extras.cfg_scale > 0 and extras.cfg_mask is None:
         raise ValueError("sampler.cfg_scale > 0 needs the positions to mask for the unconditional pass (cfg_mask)")
-    check_fast_sampling(extras.cache, extras.threshold)
+    check_fast_sampling(extras.cache, extras.threshold, extras.threshold_steps)
     if needs_quality(policy) and getattr(model, "quality_head", True) is None:  # before any pass: steps that
         raise no_quality_error(policy)  # remask nothing do not ask the head, so a short run might never notice
+    threshold = extras.threshold is not None
     seen_window, window_step, k_block = None, 0, 0
-    if extras.threshold is not None:
+    if threshold:
         if getattr(schedule, "k_block", None) is None:
             raise ValueError("sampler.threshold needs the blockwise schedule (it decodes block by block)")
         k_block = schedule.k_block
@@ -186,13 +222,16 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
     # Probability each token had when it was unmasked (ReMDM-conf); fixed/initial tokens are never remasked.
     confidence = torch.ones(tokens.shape, dtype=torch.float64, device=tokens.device)
     active = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
-    for step in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
+    bar = tqdm(total=num_steps, desc="sampling", disable=not progress, leave=False)
+    step = 0
+    while step < num_steps:
         rows = active.nonzero().flatten()
         if len(rows) == 0:
             break
         tok, msk, fix = tokens[rows], masked[rows], fixed[rows]
         clean = ~msk & ~fix
-        plan = schedule.plan(step, num_steps, msk, clean, target[rows], remasking=policy != "none",
+        # Under a threshold the sampler places the K_block remasks itself (in a block's second pass).
+        plan = schedule.plan(step, num_steps, msk, clean, target[rows], remasking=policy != "none" and not threshold,
                              generator=generator)
         pre = torch.zeros_like(msk)
         if plan.pre_remask is not None:  # loop steps: remask uniformly at random before the pass, refill from it
@@ -203,19 +242,22 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         # Logits and tokens only in the window's columns: LLaDA projects one block of 32 to its 126k
         # vocabulary, not the whole canvas.
         cols = plan.window.any(0).nonzero().flatten()
-        if extras.threshold is not None:
+        if len(cols) == 0:  # every row's canvas ended before this block (the canvas layout): nothing to do
+            step, _ = step + 1, bar.update()
+            continue
+        if threshold:
             window = (int(cols[0]), int(cols[-1]))
-            window_step = window_step + 1 if window == seen_window else 0  # steps into this window
+            window_step = window_step + 1 if window == seen_window else 0  # passes into this window
             if not fillable.any() and (policy == "none" or window_step > 1):
                 # The window is filled and its remask round is done: no pass until the next window, but a
                 # closing window still stops its rows at EOS.
                 if extras.stop_at_eos and plan.window_closes:
                     tok, msk, done = _stop_at_eos(tok, msk, plan.window, extras.eos_id)
                     tokens[rows], masked[rows], active[rows] = tok, msk, ~done
+                step, _ = step + 1, bar.update()
                 continue
             seen_window = window
-            k = k_block if (policy != "none" and window_step == 1) else 0
-            plan.remask_count = torch.full_like(plan.unmask, k)
+            plan.remask_count = torch.full_like(plan.unmask, k_block if (policy != "none" and window_step == 1) else 0)
         # The quality head runs only on steps that may remask (not before l_on, not in loop steps).
         may_remask = policy != "none" and bool(((plan.remask_count if plan.remask_count is not None
                                                  else plan.remask_rate) > 0).any())
@@ -229,34 +271,39 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         # Draw only where a token can be unmasked: the float64 Gumbel and nucleus sort over the vocabulary
         # are the step's largest cost (at OWT's 50k vocabulary, more than the forward pass).
         r, c = fillable[:, cols].nonzero(as_tuple=True)
-        drawn, drawn_prob = _draw(logits, r, c, mask_id, allowed_tokens, temperature, top_p, generator)
+        # Only ReMDM-conf reads the stored confidence (the renormalised nucleus probability, as ReMDM stores it).
+        drawn, drawn_prob, drawn_conf = _draw(logits, r, c, mask_id, allowed_tokens, temperature, top_p, generator,
+                                              need_drawn_prob=policy == "remdm-conf")
         proposal, proposal_prob = tok.clone(), torch.zeros(tok.shape, dtype=torch.float64, device=tok.device)
-        proposal[r, cols[c]], proposal_prob[r, cols[c]] = drawn, drawn_prob
+        proposal_conf = torch.zeros_like(proposal_prob)
+        proposal[r, cols[c]], proposal_prob[r, cols[c]], proposal_conf[r, cols[c]] = drawn, drawn_prob, drawn_conf
         rank_prob = proposal_prob
         if extras.eos_id is not None and extras.eos_confidence != 1.0:
             rank_prob = torch.where(proposal == extras.eos_id, proposal_prob * extras.eos_confidence, proposal_prob)
         # fillable holds the masks before this step's remasking: a token remasked now waits a step.
-        if extras.threshold is None:
-            n_unmask = torch.minimum(plan.unmask + pre.sum(1) + remask.sum(1), fillable.sum(1))
-        elif plan.window_closes:  # the window's last step fills it whatever the confidence
-            n_unmask = fillable.sum(1)
-        else:
-            above = ((proposal_prob > extras.threshold) & fillable).sum(1)
-            n_unmask = torch.minimum(above.clamp_min(1), fillable.sum(1))
-        unmask = select_top(unmask_scores(unmask_order, rank_prob, generator), fillable, n_unmask)
+        fill_window = plan.window_closes and (not threshold or extras.threshold_steps == "cap")
+        unmask = _choose_unmask(plan, fillable, pre.sum(1) + remask.sum(1), rank_prob, proposal_prob, extras,
+                                unmask_order, generator, fill_window)
         tok = torch.where(unmask, proposal, tok).masked_fill(remask, mask_id)
         msk = (msk & ~unmask) | remask
-        confidence[rows] = torch.where(unmask, proposal_prob, confidence[rows])
+        confidence[rows] = torch.where(unmask, proposal_conf, confidence[rows])
+        # Fast-dLLM's threshold decoding ignores the step count: a block that is not full after its last planned
+        # step takes that step again.
+        block_unfinished = plan.window_closes and threshold and extras.threshold_steps == "ignore" \
+            and bool((msk & plan.window).any())
         done = torch.zeros_like(active[rows])
-        if extras.stop_at_eos and plan.window_closes:
+        if extras.stop_at_eos and plan.window_closes and not block_unfinished:
             tok, msk, done = _stop_at_eos(tok, msk, plan.window, extras.eos_id)
         tokens[rows], masked[rows] = tok, msk
-        # A filled row is finished, unless threshold decoding filled a block before its remask round or loop
-        # steps follow.
-        refining = extras.threshold is not None or schedule.refines_complete(step + 1, num_steps)
-        active[rows] = ~done & (msk.any(1) | refining)
+        # A filled row is finished, unless loop steps follow or, under a threshold, its current window still has a
+        # remask round to run (a row whose canvas ended has an empty window and leaves).
+        waiting = plan.window.any(1) & (threshold and not plan.window_closes)
+        active[rows] = ~done & (msk.any(1) | waiting | schedule.refines_complete(step + 1, num_steps))
         if extras.history is not None:
             full_remask, full_unmask = torch.zeros_like(masked), torch.zeros_like(masked)
             full_remask[rows], full_unmask[rows] = remask | pre, unmask
             extras.history.append((tokens.clone(), full_remask, full_unmask))
+        if not block_unfinished:
+            step, _ = step + 1, bar.update()
+    bar.close()
     return tokens

@@ -1,6 +1,8 @@
 """Token sampling and batched top-k selection shared by y-construction and the sampler."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -11,33 +13,44 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator | None, device: t
 
 
 def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Set logits outside the smallest set of tokens with cumulative probability >= top_p to -inf."""
+    """Set logits outside the nucleus to -inf: the tokens whose cumulative probability (sorted, the token itself
+    included) is <= top_p, and always the argmax.
+
+    This is MDLM's, ReMDM's and the PRISM authors' rule: the token that crosses top_p is dropped (for p = [0.85,
+    0.10, 0.05] at 0.9 only the first token stays), not kept as in Holtzman et al.'s "smallest set reaching p".
+    """
     if top_p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
-    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-    drop_sorted[..., 0] = False  # even top_p <= 0 keeps the argmax, never an all -inf row
+    drop_sorted = sorted_logits.softmax(-1).cumsum(-1) > top_p
+    drop_sorted[..., 0] = False  # the argmax always stays, so a row is never all -inf
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample a token per position by Gumbel-max in float64; temperature 0 means argmax.
+class Draw(NamedTuple):
+    """Sampled tokens with two probabilities each: under the model's distribution (confidence order, thresholds)
+    and under the tempered, nucleus-renormalised one they were drawn from (ReMDM-conf's stored confidence)."""
 
-    Returns (tokens, probability of each chosen token under the untempered model distribution).
+    tokens: torch.Tensor
+    prob: torch.Tensor
+    drawn_prob: torch.Tensor
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None, need_drawn_prob: bool = True) -> Draw:
+    """Sample a token per position by Gumbel-max in float64; temperature 0 means argmax (no nucleus).
+
+    need_drawn_prob=False skips the second softmax over the vocabulary (Draw.drawn_prob is then Draw.prob).
     """
     logits = logits.double()
-    if temperature > 0:
-        scores = nucleus_filter(logits / temperature, top_p)
-        scores = scores + gumbel_noise(scores.shape, generator, logits.device)
-    else:
-        scores = logits
-    tokens = scores.argmax(-1)
-    probs = logits.softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
-    return tokens, probs
+    scaled = logits if temperature in (0.0, 1.0) else logits / temperature
+    drawn_from = nucleus_filter(scaled, top_p) if temperature > 0 else logits  # `logits` itself when nothing changes
+    noise = gumbel_noise(logits.shape, generator, logits.device) if temperature > 0 else 0.0
+    tokens = (drawn_from + noise).argmax(-1)
+    prob_of = lambda lg: lg.softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # noqa: E731
+    prob = prob_of(logits)
+    return Draw(tokens, prob, prob if drawn_from is logits or not need_drawn_prob else prob_of(drawn_from))
 
 
 def select_top(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor,

@@ -82,7 +82,7 @@ def build_y(x: torch.Tensor, z: torch.Tensor, masked: torch.Tensor, logits: torc
     # than the backbone pass at LLaDA's vocabulary.
     row, pos = chosen.nonzero(as_tuple=True)
     picked = _proposable(logits[torch.div(row, n_y, rounding_mode="floor"), pos], mask_id, allowed_tokens)
-    tokens, _ = sample_tokens(picked, temperature=temperature, top_p=top_p, generator=generator)
+    tokens = sample_tokens(picked, temperature=temperature, top_p=top_p, generator=generator).tokens
     y = z.clone()
     y[row, pos] = tokens
     return YBatch(y=y, chosen=chosen, label=(y == x).float())

@@ -40,9 +40,14 @@ def _board_batch(x: torch.Tensor, fixed_row: torch.Tensor) -> Batch:
     return Batch(x, fixed_row[None].expand_as(x), torch.full((len(x),), float((~fixed_row).sum())))
 
 
-def _text_batch(b) -> Batch:
-    """A prompt/solution TextBatch as a Batch (loss normalised by each answer's length)."""
-    return Batch(b.x, b.fixed, b.answer_len.float(), b.pad_tokens)
+def _text_batch(b, mask_window: int = 0) -> Batch:
+    """A TextBatch as a Batch: loss normalised by each answer's length, or with mask_window > 0 only the first
+    mask_window non-fixed positions of a row maskable and the normaliser min(answer length, mask_window)."""
+    fixed, lengths = b.fixed, b.answer_len.float()
+    if mask_window > 0:  # the authors' LLaDA run masks only the first 512 answer positions (EOS pads included)
+        fixed = fixed | ((~fixed).cumsum(1) > mask_window)
+        lengths = lengths.clamp(max=mask_window)
+    return Batch(b.x, fixed, lengths, b.pad_tokens)
 
 
 class BoardBatches:
@@ -73,15 +78,15 @@ class BoardBatches:
 class TextBatches:
     """Text micro-batches streamed through HF datasets, sharded by rank (prompt/solution or packed documents)."""
 
-    def __init__(self, stream):
-        self.stream, self._iter = stream, None
+    def __init__(self, stream, mask_window: int = 0):
+        self.stream, self.mask_window, self._iter = stream, mask_window, None
 
     def next_batch(self) -> Batch:
         """The next micro-batch of this rank's shard (prompt tokens fixed, loss normalised by answer length;
         packed documents: nothing fixed, normalised by L)."""
         if self._iter is None:
             self._iter = iter(self.stream)
-        return _text_batch(next(self._iter))
+        return _text_batch(next(self._iter), self.mask_window)
 
     def counters(self) -> dict[str, int]:
         """The stream's counts so far on this rank (over-long samples; packed: documents, held-out skips)."""
@@ -155,13 +160,14 @@ def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int
         # LLaDA pads its embedding (126464 rows, 126349 tokens): rows past the tokenizer are never proposed.
         allowed = torch.arange(vocab_size) < len(tokenizer)
     stream = PromptSolutionStream(text, tokenizer, micro_batch_size, rank=rank, world_size=world_size)
-    heldout = None
+    heldout, window = None, cfg.prism.mask_window
     if text.heldout_source:
         held = PromptSolutionStream(replace(text, source=text.heldout_source, shuffle_buffer=0),
                                     tokenizer, micro_batch_size)
-        heldout = _text_batch(held.head(HELDOUT_SAMPLES))
+        heldout = _text_batch(held.head(HELDOUT_SAMPLES), window)
     # Rows whose answer has fewer than prism.k masked tokens fill all of them (build_y).
-    return Task(TextBatches(stream), heldout, vocab_size, mask_id, text.max_length, text.max_length - 1, allowed)
+    maskable = min(text.max_length - 1, window or text.max_length)
+    return Task(TextBatches(stream, window), heldout, vocab_size, mask_id, text.max_length, maskable, allowed)
 
 
 def _packed_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int, progress: bool) -> Task:
@@ -200,6 +206,10 @@ def _packed_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: i
 
 def build_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int, progress: bool = True) -> Task:
     """The training data of `cfg.task` for this rank."""
+    window = cfg.prism.mask_window
+    if window < 0 or (window and cfg.task != "text"):
+        raise ConfigError(f"prism.mask_window={window}: must be >= 0, and applies to task=text only (prompt/solution "
+                          f"rows; 0 = every answer position maskable), not task={cfg.task}")
     if cfg.task == "sudoku":
         return _sudoku_task(cfg, micro_batch_size, rank, progress)
     if cfg.task == "text":

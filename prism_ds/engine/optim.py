@@ -54,14 +54,19 @@ def warmup_steps(stage: StageConfig, stage_name: str) -> int:
     return stage.warmup_steps or math.ceil(stage.warmup_ratio * stage.steps)
 
 
+CYCLE_SCHEDULES = ("cosine", "cosine_with_restarts")  # the get_scheduler names that take num_cycles
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, stage_name: str):
-    """transformers.get_scheduler by name; cosine_with_restarts gets lr_cycles hard restarts."""
+    """transformers.get_scheduler by name; the cosine schedules get lr_cycles as num_cycles when it is set."""
     from transformers import get_scheduler
 
-    extra = {"num_cycles": stage.lr_cycles} if stage.lr_schedule == "cosine_with_restarts" else {}
-    if stage.lr_cycles != 1 and not extra:
-        raise ConfigError(f"{stage_name}.lr_cycles={stage.lr_cycles} only applies to "
-                          f"lr_schedule=cosine_with_restarts (got {stage.lr_schedule})")
+    if stage.lr_cycles < 0 or (stage.lr_cycles and stage.lr_schedule not in CYCLE_SCHEDULES):
+        raise ConfigError(f"{stage_name}.lr_cycles={stage.lr_cycles} must be >= 0 and only applies to "
+                          f"lr_schedule={' or '.join(CYCLE_SCHEDULES)} (got {stage.lr_schedule}); 0 = the "
+                          f"schedule's default")
+    # 0 leaves HF's default (cosine: half a period, cosine_with_restarts: one cycle) rather than passing it.
+    extra = {"num_cycles": stage.lr_cycles} if stage.lr_cycles else {}
     try:
         return get_scheduler(stage.lr_schedule, optimizer, num_warmup_steps=warmup_steps(stage, stage_name),
                              num_training_steps=stage.steps, scheduler_specific_kwargs=extra)

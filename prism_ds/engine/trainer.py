@@ -242,14 +242,15 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     out_dir, ckpt_dir = stage_dir(cfg, stage), stage_dir(cfg, stage) / "checkpoints"
     if overwrite or not s.resume:
         _start_over(out_dir, rank)
+    ds_config = dist_utils.build_ds_config(s, stage, n_ranks)
+    if s.ema_decay and ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
+        # Checked before the data is built: the refusal should not wait for it.
+        raise ConfigError(f"{stage}.ema_decay={s.ema_decay} needs ZeRO stage <= 2, but {stage}.ds_config="
+                          f"{s.ds_config} uses stage 3 (a full EMA copy per rank would defeat partitioning); set "
+                          f"{stage}.ema_decay=0 or use a stage-2 config such as zero2.json")
     task = build_task(cfg, s.micro_batch_size, rank, n_ranks, progress)
     if mode == "prism" and cfg.prism.k > task.maskable:
         raise ConfigError(f"prism.k={cfg.prism.k} exceeds the {task.maskable} maskable positions of a sequence")
-
-    ds_config = dist_utils.build_ds_config(s, stage, n_ranks)
-    if s.ema_decay and ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
-        raise ConfigError(f"{stage}.ema_decay needs ZeRO stage <= 2 ({s.ds_config} uses stage 3; "
-                          f"a full EMA copy per rank would defeat partitioning)")
     model = _build(cfg, stage, task, ds_config)
     optimizer = build_optimizer(model, s, ds_config)
     scheduler = build_scheduler(optimizer, s, stage)

@@ -2,10 +2,11 @@
 
 Rows come from local JSONL/parquet files (or a hub dataset) through HF `datasets` in streaming mode,
 sharded by rank with `split_dataset_by_node`. Each sequence is prompt tokens (fixed, never masked)
-followed by solution tokens + EOS (the answer). `padding: eos` pads every sequence to max_length with
-EOS counted as answer (LLaDA); `padding: bucket` sorts a pool of samples by length and pads each
-micro-batch only to its own longest sequence. The stream is endless (epochs re-shuffle with
-seed + epoch) and resumes exactly: `state_dict()` is the position right after the last yielded batch.
+followed by solution tokens + EOS (the answer), both rendered by `text.prompt_format` (prompt_format.py).
+`padding: eos` pads every sequence to max_length with EOS counted as answer (LLaDA); `padding: bucket`
+sorts a pool of samples by length and pads each micro-batch only to its own longest sequence. The stream
+is endless (epochs re-shuffle with seed + epoch) and resumes exactly: `state_dict()` is the position right
+after the last yielded batch.
 
 `RowStream` is the part every text stream shares (sources, HF streaming, rank shards, epochs, exact
 resume, errors naming file and row); `packed_data.PackedTextStream` (MDLM-style documents) builds on it.
@@ -24,7 +25,8 @@ from typing import Iterator
 import torch
 
 from prism_ds.config import ConfigError, TextDataConfig
-from prism_ds.text.tokenizer import encode_prompt, load_tokenizer, special_ids
+from prism_ds.text.prompt_format import check_prompt_format, prompt_ids, solution_text
+from prism_ds.text.tokenizer import load_tokenizer, special_ids
 
 __all__ = ["TextBatch", "RowStream", "PromptSolutionStream", "load_tokenizer", "special_ids", "resolve_source"]
 
@@ -186,6 +188,14 @@ def _check_config(cfg: TextDataConfig, micro_batch_size: int, rank: int, world_s
         for key in ("prompt_field", "solution_field"):
             if not getattr(cfg, key):
                 raise ConfigError(f"text.{key}: empty (or set text.messages_field for chat rows)")
+    check_prompt_format(cfg.prompt_format)
+    if cfg.prompt_format == "prism_code":  # the authors' rows: instruction, code and the function's name
+        if cfg.messages_field:
+            raise ConfigError("text.prompt_format=prism_code reads text.prompt_field, text.solution_field and "
+                              "text.entry_point_field; unset text.messages_field")
+        if not cfg.entry_point_field:
+            raise ConfigError("text.entry_point_field: empty, but text.prompt_format=prism_code needs the column "
+                              "naming each row's function")
 
 
 class RowStream:
@@ -338,6 +348,7 @@ class PromptSolutionStream(RowStream):
 
     def __init__(self, cfg: TextDataConfig, tokenizer, micro_batch_size: int, rank: int = 0, world_size: int = 1):
         _check_config(cfg, micro_batch_size, rank, world_size)
+        check_prompt_format(cfg.prompt_format, tokenizer)  # "chat" needs a chat template: say so before any row
         self.tokenizer, self.micro_batch_size = tokenizer, micro_batch_size
         if tokenizer.eos_token_id is None:
             raise ConfigError("text.tokenizer: tokenizer has no eos_token (needed to end and pad answers)")
@@ -349,16 +360,21 @@ class PromptSolutionStream(RowStream):
 
     # ---- rows -> token samples
 
-    def _fields(self, row: dict) -> tuple[list[dict], str, str]:
-        """(prompt messages, plain prompt text, solution) of one row; raises _RowError."""
+    def _fields(self, row: dict) -> tuple[list[dict], str, str, str | None]:
+        """(prompt messages, plain prompt text, solution, entry point or None) of one row; raises _RowError."""
         cfg = self.cfg
+        code = cfg.prompt_format == "prism_code"  # only this format reads the entry point column
         need = [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.solution_field]
+        need += [cfg.entry_point_field] if code else []
         if (err := missing_columns(row, need)) is not None:
             raise err
         if not cfg.messages_field:
             prompt = _text(row[cfg.prompt_field], f"prompt (column {cfg.prompt_field!r})")
             solution = _text(row[cfg.solution_field], f"solution (column {cfg.solution_field!r})")
-            return [{"role": "user", "content": prompt}], prompt, solution
+            entry = None
+            if code:
+                entry = _text(row[cfg.entry_point_field], f"entry point (column {cfg.entry_point_field!r})")
+            return [{"role": "user", "content": prompt}], prompt, solution, entry
         msgs = row[cfg.messages_field]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise _RowError(f"column {cfg.messages_field!r} must be a list of {{role, content}} messages")
@@ -369,19 +385,19 @@ class PromptSolutionStream(RowStream):
         prompt_msgs = [{"role": m["role"], "content": m["content"] or ""} for m in msgs[:last]]
         plain = "\n\n".join(str(m["content"]) for m in prompt_msgs)
         _text(plain, f"prompt (messages before the last assistant one in {cfg.messages_field!r})")
-        return prompt_msgs, plain, solution
+        return prompt_msgs, plain, solution, None
 
     _check_row = _fields
 
     def _encode(self, row: dict) -> tuple[list[int], list[int]] | None:
         """(prompt ids, answer ids incl. EOS) of a row, None when over-long and dropped."""
         try:
-            msgs, plain, solution = self._fields(row)
+            msgs, plain, solution, entry = self._fields(row)
         except _RowError as e:
             raise ValueError(f"{self._locate(e)}") from None
-        tok, L = self.tokenizer, self.cfg.max_length
-        prompt = encode_prompt(tok, msgs, self.cfg.template.format(prompt=plain))
-        answer = tok(solution, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        tok, L, fmt = self.tokenizer, self.cfg.max_length, self.cfg.prompt_format
+        prompt = prompt_ids(tok, fmt, plain, entry, self.cfg.template, messages=msgs)
+        answer = tok(solution_text(fmt, solution), add_special_tokens=False)["input_ids"] + [self.eos_id]
         if len(prompt) + len(answer) > L:
             if self.cfg.overlong == "truncate" and len(prompt) >= L:  # no answer token would be left to train on
                 raise ValueError(f"{self._where(row)}: the prompt alone is {len(prompt)} tokens, not shorter than "

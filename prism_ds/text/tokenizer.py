@@ -56,6 +56,11 @@ def encode_prompt(tokenizer, messages: list[dict], plain: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_plain(tokenizer, plain)
+
+
+def encode_plain(tokenizer, plain: str) -> list[int]:
+    """Token ids of an already templated prompt with one BOS in front (when the tokenizer has a BOS)."""
     ids = list(tokenizer(plain, add_special_tokens=False)["input_ids"])
     if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id] + ids

@@ -105,7 +105,7 @@ def text_table(cfg: RunConfig, model_path: str | Path, progress: bool = True) ->
     common = {"model": model_fingerprint(model_path), "length": length, "tokenizer": len(tokenizer),
               **{k: getattr(cfg.sampler, k) for k in _SAMPLER_KEYS}}
     cells = [tables.score_references(references, te.scorer, out_dir / "data.scores.json", str(device),
-                                     te.scorer_batch_size, progress)]
+                                     te.scorer_batch_size, progress, scorer_dtype=te.scorer_dtype)]
     for row in cfg.sampler.policies:
         for steps in cfg.sampler.steps:
             settings = {**common, "policy": row, "steps": steps}
@@ -120,7 +120,7 @@ def text_table(cfg: RunConfig, model_path: str | Path, progress: bool = True) ->
                              make_batch, progress)
             cells.append(tables.score_cell(path, te.scorer, te.featurizer or None, references, str(device),
                                            te.scorer_batch_size, te.scorer_batch_size, length,
-                                           cache_dir=out_dir, progress=progress))
+                                           cache_dir=out_dir, progress=progress, scorer_dtype=te.scorer_dtype))
     table = tables.table2(cells)
     header = f"Samples of {length} tokens from {model_path}, rows `policy[:count][/schedule]`.\n\n"
     (out_dir / "results.md").write_text(header + table + "\n")

@@ -1,8 +1,9 @@
 """Text-generation metrics of the paper's Table 2: generative perplexity, unigram entropy and MAUVE.
 
 * Generative perplexity (MDLM / ReMDM convention): the texts are retokenised with a causal LM's own
-  tokenizer (GPT-2 large in the paper) and scored by it; the corpus value is exp(total NLL / total scored
-  tokens), a token-weighted mean over all samples.
+  tokenizer (GPT-2 large in the paper) and scored by it in fp32 (`text_eval.scorer_dtype`); the corpus value is
+  exp(total NLL / total scored tokens), a token-weighted mean over all samples. Which tokens are scored differs
+  from MDLM's code: see `generative_perplexity`.
 * Entropy: of each sample's empirical token distribution (nats), averaged over samples.
 * MAUVE (Pillutla et al. 2021) through the `mauve-text` package, with its own featurisation convention
   (final-layer hidden state of each text's last token, texts truncated to 1024 tokens) computed here so a
@@ -20,9 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prism_ds.config import ConfigError
 from prism_ds.text.tokenizer import is_local_path
 
 MAUVE_SEED = 25  # mauve-text's default k-means seed, set explicitly so scores are reproducible
+# The scorer's weight dtypes. MDLM, ReMDM and the PRISM authors load GPT-2 large with from_pretrained's default,
+# fp32; bf16 weights shift every NLL a little, so a bf16 score is a different number (recorded with each score).
+SCORER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ModelUnavailableError(FileNotFoundError):
@@ -112,13 +117,48 @@ def _windows(ids: list[int], length: int) -> list[list[int]]:
     return [ids[start:start + length] for start in range(0, max(len(ids) - 1, 0), step)]
 
 
+def scorer_dtype(name: str | torch.dtype) -> tuple[str, torch.dtype]:
+    """(name, torch dtype) of a `text_eval.scorer_dtype` value: float32 or bfloat16, anything else an error."""
+    for key, dtype in SCORER_DTYPES.items():
+        if name == key or name == dtype:
+            return key, dtype
+    raise ConfigError(f"text_eval.scorer_dtype={name!r}: expected one of {', '.join(SCORER_DTYPES)} (float32 is "
+                      f"what MDLM, ReMDM and the PRISM authors score generative perplexity in)")
+
+
 @torch.no_grad()
 def generative_perplexity(texts: Sequence[str], scorer: str | Path, batch_size: int = 8, device: str = "cpu",
-                          dtype: torch.dtype | None = None, progress: bool = False) -> dict:
-    """Perplexity of `texts` under the causal LM `scorer`: exp(total NLL / total scored tokens), per-sample NLLs."""
+                          dtype: str | torch.dtype = "float32", progress: bool = False) -> dict:
+    """Perplexity of `texts` under the causal LM `scorer`: exp(total NLL / total scored tokens), per-sample NLLs.
+
+    The scorer's weights are in `dtype` (float32 by default, as MDLM / ReMDM / the PRISM authors; bfloat16 on
+    request), the log-softmax in fp32. Which tokens are scored, here and in MDLM's code (kuleshov-group/mdlm
+    `diffusion.py`: `Diffusion.eval_retokenize` and `Diffusion.compute_generative_perplexity`, copied unchanged by
+    ReMDM's `diffusion.py` and the PRISM authors' `eval_metric.py`: `TextEvaluator`):
+
+    * MDLM retokenises each text with `truncation=True, max_length=config.model.length` (1024 for OWT), so a
+      text's tokens past model.length are dropped, and pads a batch to its longest text with EOS on the right (GPT-2
+      has no pad token; attention_mask 0 there). prism-ds never truncates: a text longer than the scorer's context
+      is cut into windows that overlap by one token.
+    * MDLM adds no BOS (GPT-2's tokenizer adds none) and splits each padded row into eval_context_size = 1024 chunks
+      without overlap (one chunk when model.length is 1024); a chunk's first token is context only, never scored.
+      prism-ds prepends the scorer's BOS (GPT-2: <|endoftext|>) unless the text already starts with it, so a
+      sample's first token is scored; each later window's first token is the previous window's last.
+    * MDLM's token mask is `first_eos[..., 1:] + token_mask[..., 1:]` with first_eos = (chunk == EOS).cumsum(-1) == 1
+      and token_mask = chunk != EOS: every non-EOS token from the chunk's second position on is scored (text after
+      an EOS included: nothing after the first EOS is dropped), and of the EOS tokens only the chunk's first one,
+      and only when it is not at position 0. MDLM's OWT samples usually start with EOS (its packed training rows
+      begin with BOS = EOS), so in practice none of their EOS tokens is scored; but in a padded row with no EOS
+      of its own, the first padding EOS is (predicted from the row's last real token). prism-ds scores every
+      token after the BOS (prepended, or the text's own leading EOS), EOS tokens included, exactly once, and never
+      a padding position.
+    * MDLM scores batches of `eval.perplexity_batch_size` and skips the last len(texts) % batch_size texts
+      (num_batches = n // batch_size); prism-ds scores every text.
+    * Both: NLLs summed over all scored tokens of all texts and divided by their count (torchmetrics MeanMetric
+      with the mask as weights), gen-PPL = exp of that mean.
+    """
+    dtype_name, dtype = scorer_dtype(dtype)
     device = torch.device(device)
-    if dtype is None:  # fp32 on CPU; bf16 weights on GPU (the log-softmax stays fp32)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tok = _cached(scorer, "scorer", "text_eval.scorer", True, device, dtype)
     length = _max_positions(model, tok)
     bos = tok.bos_token_id  # GPT-2: <|endoftext|>, the context GPT-2 saw at every document start
@@ -143,7 +183,7 @@ def generative_perplexity(texts: Sequence[str], scorer: str | Path, batch_size: 
     return {"gen_ppl": math.exp(total / scored) if scored else float("nan"),
             "nll_per_token": total / scored if scored else float("nan"), "tokens": scored,
             "sample_nll": [n / c if c else None for n, c in zip(nll, count)], "sample_tokens": count,
-            "scorer": str(scorer)}
+            "scorer": str(scorer), "scorer_dtype": dtype_name}
 
 
 def unigram_entropy(token_ids: Sequence[int]) -> float:

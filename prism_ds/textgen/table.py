@@ -1,7 +1,7 @@
 """Score samples files and lay them out as the paper's Table 2 (MAUVE / gen-PPL / entropy per policy and N).
 
 `score_cell` writes `<samples>.scores.json` next to a samples file and reuses it while the samples file's
-content hash and the scoring settings (scorer, featuriser, references) are unchanged. `score_references`
+content hash and the scoring settings (scorer and its dtype, featuriser, references) are unchanged. `score_references`
 scores the human text once for the "data" row. `table2` refuses to put cells made with different settings
 (other than the policy row and the number of steps N) or scored differently into one table.
 """
@@ -75,7 +75,7 @@ def _reference_features(texts: list[str], featurizer, device, max_len: int, batc
 def score_cell(path: str | Path, scorer: str | Path, featurizer: str | Path | None = None,
                references: Sequence | None = None, device: str = "cpu", scorer_batch_size: int = 8,
                featurizer_batch_size: int = 8, mauve_max_len: int = 1024, seed: int = metrics.MAUVE_SEED,
-               cache_dir: str | Path | None = None, progress: bool = False) -> dict:
+               cache_dir: str | Path | None = None, progress: bool = False, scorer_dtype: str = "float32") -> dict:
     """Gen-PPL, entropy and (with a featuriser and references) MAUVE of one finished samples file, cached."""
     path = Path(path)
     settings, records = read_samples(path)
@@ -88,6 +88,7 @@ def score_cell(path: str | Path, scorer: str | Path, featurizer: str | Path | No
     ref_texts = _ref_texts(references) if references is not None else None
     with_mauve = featurizer is not None and ref_texts is not None
     score_settings = {"scorer": str(scorer), "scorer_id": _model_id(scorer),
+                      "scorer_dtype": metrics.scorer_dtype(scorer_dtype)[0],
                       "featurizer": str(featurizer) if with_mauve else None,
                       "featurizer_id": _model_id(featurizer) if with_mauve else None,
                       "references": _texts_hash(ref_texts) if ref_texts is not None else None,
@@ -101,7 +102,7 @@ def score_cell(path: str | Path, scorer: str | Path, featurizer: str | Path | No
         if cached.get("samples_sha256") == sha and cached.get("score_settings") == score_settings:
             return cached
     texts = [r.get("text", "") for r in records]
-    ppl = metrics.generative_perplexity(texts, scorer, scorer_batch_size, device, progress=progress)
+    ppl = metrics.generative_perplexity(texts, scorer, scorer_batch_size, device, scorer_dtype, progress=progress)
     mauve = None
     if with_mauve:
         p = _reference_features(ref_texts, featurizer, device, mauve_max_len, featurizer_batch_size,
@@ -117,17 +118,18 @@ def score_cell(path: str | Path, scorer: str | Path, featurizer: str | Path | No
 
 
 def score_references(references: Sequence, scorer: str | Path, out: str | Path, device: str = "cpu",
-                     scorer_batch_size: int = 8, progress: bool = False) -> dict:
+                     scorer_batch_size: int = 8, progress: bool = False, scorer_dtype: str = "float32") -> dict:
     """The "data" row: gen-PPL and entropy of the human references (MAUVE 1 by definition), cached in `out`."""
     out = Path(out)
     texts = _ref_texts(references)
-    score_settings = {"scorer": str(scorer), "scorer_id": _model_id(scorer), "references": _texts_hash(texts),
+    score_settings = {"scorer": str(scorer), "scorer_id": _model_id(scorer),
+                      "scorer_dtype": metrics.scorer_dtype(scorer_dtype)[0], "references": _texts_hash(texts),
                       "n_references": len(texts)}
     if out.exists():
         cached = json.loads(out.read_text(encoding="utf-8"))
         if cached.get("score_settings") == score_settings:
             return cached
-    ppl = metrics.generative_perplexity(texts, scorer, scorer_batch_size, device, progress=progress)
+    ppl = metrics.generative_perplexity(texts, scorer, scorer_batch_size, device, scorer_dtype, progress=progress)
     result = {"samples": str(out), "settings": None, "score_settings": score_settings, ROW_KEY: DATA_ROW,
               COLUMN_KEY: None, "n": len(texts), "mauve": 1.0, "gen_ppl": ppl["gen_ppl"],
               "entropy": _entropy(references, scorer), "nll_per_token": ppl["nll_per_token"],
@@ -152,7 +154,8 @@ def _check_same(cells: list[dict], data: list[dict]) -> None:
             raise ValueError(f"{first['samples']} and {c['samples']} were scored differently "
                              f"({', '.join('score.' + k for k in diff)}); rescore them the same way")
     for d in data:
-        keys = ("scorer", "scorer_id") + (("references",) if first["score_settings"].get("references") else ())
+        keys = ("scorer", "scorer_id", "scorer_dtype")
+        keys += ("references",) if first["score_settings"].get("references") else ()
         diff = [k for k in keys if d["score_settings"].get(k) != first["score_settings"].get(k)]
         if diff:
             raise ValueError(f"{d['samples']} (data row) and {first['samples']} were scored differently "
@@ -195,9 +198,11 @@ def table2(cells: list[dict]) -> str:
         scored = [grid[(r, n)]["mauve"] for r in rows if (r, n) in grid and grid[(r, n)]["mauve"] is not None]
         best[n] = max(scored) if len(scored) > 1 else None
     s = runs[0]["score_settings"]
+    dtype = f" ({s['scorer_dtype']})" if s.get("scorer_dtype") else ""  # cells scored before it was recorded: none
     caption = (f"Cells: MAUVE ↑ / gen-PPL ↓ / entropy ↑ (nats), {runs[0]['n']} samples per cell; gen-PPL under "
-               f"{s['scorer']}" + (f"; MAUVE with {s['featurizer']} features against {s['n_references']} human texts"
-                                   if s.get("featurizer") else "; MAUVE not computed (—)") + ".")
+               f"{s['scorer']}{dtype}"
+               + (f"; MAUVE with {s['featurizer']} features against {s['n_references']} human texts"
+                  if s.get("featurizer") else "; MAUVE not computed (—)") + ".")
     lines = [caption, "", "| policy | " + " | ".join(f"N = {n}" for n in cols) + " |",
              "|---|" + "---|" * len(cols)]
     if data:  # independent of N: the same human-text values under every column

@@ -2,13 +2,15 @@
 
 A schedule answers one question per step, so new samplers are new schedules plugged into the same
 loop, not new loops:
-  EvenSchedule       (even.py) Algorithms 2 and 3: unmasking spread evenly over all steps (Sudoku, OWT)
+  EvenSchedule       (even.py) Algorithms 2 and 3: unmasking spread evenly over all steps (Sudoku, OWT); with
+                     ancestral=True, MDLM's and ReMDM's ancestral sampler: each masked token unmasks independently
+                     at the reverse process's rate (the published MDLM, ReMDM-cap and ReMDM-conf samplers)
   BlockwiseSchedule  (blockwise.py) LLaDA's semi-autoregressive blocks with K_block remasks per block
   LoopSchedule       (loop.py) PRISM-loop (Algorithm 4): an even-schedule generation, then loop steps that
                      remask M random tokens before the pass and refill them from it
   RemdmLoopSchedule  (loop.py) ReMDM-loop (Wang et al. 2025): unmask to alpha_on, hold the masked count
                      while remasking and refilling, then finish
-even_family_schedule() builds the even / loop / remdm-loop schedule of a sampler row from SamplerConfig
+even_family_schedule() builds the even / ancestral / loop / remdm-loop schedule of a sampler row from SamplerConfig
 and N (rows are "policy[:count][/schedule]", see core/remask.parse_row).
 *Which* tokens are remasked is the policy's business (core/remask.py); *how many* is the schedule's:
   fixed      K per step (Algorithm 3), or K_block per block (blockwise)
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 REMASK_COUNTS = ("fixed", "binomial", "per-token")
-SCHEDULE_KINDS = ("even", "loop", "remdm-loop")  # the "/schedule" of a sampler row
+SCHEDULE_KINDS = ("even", "ancestral", "loop", "remdm-loop")  # the "/schedule" of a sampler row
 
 
 @dataclass
@@ -30,7 +32,8 @@ class StepPlan:
     """Where tokens may change this step and how many to unmask / remask per row.
 
     The sampler unmasks `unmask` + (number actually remasked) tokens, so remasking never slows the
-    sequence down. Exactly one of remask_count / remask_rate is set.
+    sequence down; or, when `unmask_rate` is set, each masked token of the window independently with that
+    probability (ancestral sampling). Exactly one of remask_count / remask_rate is set.
     """
 
     window: torch.Tensor  # [B, L] bool: positions the step may unmask or remask
@@ -41,6 +44,7 @@ class StepPlan:
     # [B] long: clean tokens of the window to remask uniformly at random *before* the pass (PRISM-loop steps);
     # they are refilled from that same pass, on top of `unmask`.
     pre_remask: torch.Tensor | None = None
+    unmask_rate: torch.Tensor | None = None  # [B] float: per-masked-token unmask probability (replaces `unmask`)
 
 
 class Schedule:
@@ -72,9 +76,9 @@ def unmask_scores(order: str, token_probs: torch.Tensor, generator: torch.Genera
     raise ValueError(f"sampler.unmask_order={order!r}: expected 'random' or 'confidence'")
 
 
-from prism_ds.core.schedules.blockwise import BlockwiseSchedule  # noqa: E402 - needs the names above
+from prism_ds.core.schedules.blockwise import BlockwiseSchedule, blockwise_schedule  # noqa: E402 - needs the names above
 from prism_ds.core.schedules.even import EvenSchedule  # noqa: E402
 from prism_ds.core.schedules.loop import LoopSchedule, RemdmLoopSchedule, even_family_schedule  # noqa: E402
 
 __all__ = ["REMASK_COUNTS", "SCHEDULE_KINDS", "StepPlan", "Schedule", "sigma_max", "unmask_scores",
-           "BlockwiseSchedule", "EvenSchedule", "LoopSchedule", "RemdmLoopSchedule", "even_family_schedule"]
+           "BlockwiseSchedule", "blockwise_schedule", "EvenSchedule", "LoopSchedule", "RemdmLoopSchedule", "even_family_schedule"]

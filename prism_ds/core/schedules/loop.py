@@ -5,7 +5,8 @@
                      forward pass and refill all of them from it
   RemdmLoopSchedule  ReMDM-loop (Wang et al. 2025): unmask to alpha_on, then hold the masked count while
                      remasking and refilling K ~ Bin(#clean, eta) tokens per step, then finish
-  even_family_schedule(kind, count, cfg, N)  the schedule of a sampler row "policy[:count][/kind]"
+  even_family_schedule(kind, count, cfg, N)  the schedule of a sampler row "policy[:count][/kind]" (even,
+                     ancestral, loop, remdm-loop)
 """
 from __future__ import annotations
 
@@ -110,8 +111,9 @@ class RemdmLoopSchedule(Schedule):
         return StepPlan(torch.ones_like(masked), base, remask_count=k, window_closes=step == num_steps - 1)
 
 
-def _algorithm2(count: str, cfg: SamplerConfig, num_steps: int) -> EvenSchedule:
-    """Algorithm 2/3 for an N-step run: eta = eta_steps / N (or eta), l_on = ceil(remask_start * N)."""
+def _algorithm2(count: str, cfg: SamplerConfig, num_steps: int, ancestral: bool = False) -> EvenSchedule:
+    """Algorithm 2/3 (or the ancestral sampler) for an N-step run: eta = eta_steps / N (or eta), l_on =
+    ceil(remask_start * N)."""
     if not 0 <= cfg.remask_start <= 1:
         raise ValueError(f"sampler.remask_start={cfg.remask_start} must be in [0, 1] (l_on = ceil(remask_start * N); "
                          f"> 1 would put l_on > N)")
@@ -123,7 +125,8 @@ def _algorithm2(count: str, cfg: SamplerConfig, num_steps: int) -> EvenSchedule:
             raise ValueError(f"sampler.eta_steps={cfg.eta_steps} gives eta = eta_steps / N = {eta:.4g} > 1 at "
                              f"N = {num_steps} (generation) steps; eta must be in (0, 1]")
         raise ValueError(f"sampler.eta={cfg.eta} must be in (0, 1]")
-    return EvenSchedule(count, cfg.remask_k, eta, start_step=_ceil(cfg.remask_start * num_steps), cap=cfg.eta_cap)
+    return EvenSchedule(count, cfg.remask_k, eta, start_step=_ceil(cfg.remask_start * num_steps), cap=cfg.eta_cap,
+                        ancestral=ancestral)
 
 
 def loop_split(cfg: SamplerConfig, num_steps: int) -> tuple[int, int]:
@@ -135,13 +138,13 @@ def loop_split(cfg: SamplerConfig, num_steps: int) -> tuple[int, int]:
 
 
 def even_family_schedule(kind: str, count: str, cfg: SamplerConfig, num_steps: int) -> Schedule:
-    """The schedule of a row "policy[:count][/kind]" (kind: even | loop | remdm-loop) for an N-step budget."""
+    """The schedule of a row "policy[:count][/kind]" (kind: even | ancestral | loop | remdm-loop) for an N-step budget."""
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"sampler.policies: schedule {kind!r} is not one of {SCHEDULE_KINDS}")
     if num_steps < 1:
         raise ValueError(f"sampler steps={num_steps} must be >= 1")
-    if kind == "even":
-        return _algorithm2(count, cfg, num_steps)
+    if kind in ("even", "ancestral"):
+        return _algorithm2(count, cfg, num_steps, ancestral=kind == "ancestral")
     if kind == "remdm-loop":  # its own count rule (Bin(#clean, loop_eta) in the loop); `count` is not used
         return RemdmLoopSchedule(cfg.loop_t_on, cfg.loop_t_off, cfg.loop_alpha_on, cfg.loop_eta)
     gen_steps, loop_steps = loop_split(cfg, num_steps)
