@@ -155,3 +155,26 @@ def test_stop_at_eos_on_the_canvas_stops_each_row_after_its_own_block():
         block_end = p + ((first - p) // block + 1) * block  # the row's own block boundaries
         assert (row[block_end:] == eos).all()
     assert sum(model.rows) < 2 * 32  # stopped rows left the batch
+
+
+def test_threshold_decoding_on_the_canvas_gives_each_block_one_remask_round():
+    """Rows of different prompt lengths leave the batch at different times; the block a step works on, not the
+    columns the remaining rows span, says when a new block (and its K_block round) starts."""
+    prompts, canvas, block, k_block = [1, 6, 11], 32, 4, 2
+    tokens = torch.full((3, canvas), MASK)
+    fixed = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, :p], fixed[i, :p] = 1, True
+    extras = SamplingExtras(history=[], threshold=0.999, threshold_steps="ignore")
+    out = sample(Scripted(), tokens, fixed, MASK, 8, BlockwiseSchedule(block, k_block, canvas=canvas), policy="prism",
+                 unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0), extras=extras)
+    assert (out != MASK).all()
+    for row, p in enumerate(prompts):
+        rounds: dict[int, int] = {}
+        for _, remasked, _ in extras.history:
+            hit = remasked[row].nonzero().flatten()
+            if len(hit):
+                b = int(hit[0] - p) // block
+                assert ((hit - p) // block == b).all()  # one block at a time
+                rounds[b] = rounds.get(b, 0) + 1
+        assert rounds and all(n == 1 for n in rounds.values()), (row, rounds)

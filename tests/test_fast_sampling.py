@@ -244,3 +244,32 @@ def test_threshold_ignoring_the_step_count_is_fast_dllms_rule_token_for_token(st
 def test_threshold_steps_is_checked():
     with pytest.raises(ValueError, match="sampler.threshold_steps='sometimes'"):
         _sample(_model(), threshold=0.5, threshold_steps="sometimes")
+
+
+@pytest.mark.parametrize("steps", [2, 4])  # 1 and 2 planned steps per block
+def test_ignoring_the_step_count_still_gives_every_block_its_k_block_remasks(steps):
+    model = _model(sharp=100.0)  # confident: a block can fill in its first pass
+    _, out, ex = _sample(model, steps=steps, k_block=2, threshold=0.5, threshold_steps="ignore")
+    assert (out != MASK).all()
+    per_block = torch.zeros(6, 2, dtype=torch.long)
+    for _, remasked, _ in ex.history:
+        rows, pos = remasked.nonzero(as_tuple=True)
+        per_block.index_put_((rows, (pos - PROMPT) // BLOCK), torch.ones_like(rows), accumulate=True)
+    assert (per_block == 2).all()
+
+
+def test_capped_threshold_steps_need_a_step_to_refill_the_remask_round():
+    model = _model(sharp=100.0)
+    with pytest.raises(ValueError, match="k_block=2 needs at least 3 steps per block"):
+        _sample(model, steps=4, k_block=2, threshold=0.5, threshold_steps="cap")  # 2 per block
+    _, out, _ = _sample(model, steps=6, k_block=2, threshold=0.5, threshold_steps="cap")
+    assert (out != MASK).all()
+
+
+def test_threshold_decoding_selects_by_confidence_whatever_the_unmask_order():
+    model = _model(sharp=30.0)
+    tokens, fixed = _canvas()
+    runs = [sample(model, tokens, fixed, MASK, 4, BlockwiseSchedule(BLOCK, 0, gen_length=GEN), policy="none",
+                   unmask_order=order, temperature=0.0, generator=torch.Generator().manual_seed(0),
+                   extras=SamplingExtras(threshold=0.9)) for order in ("confidence", "random")]
+    assert torch.equal(runs[0], runs[1])

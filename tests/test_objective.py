@@ -114,7 +114,7 @@ def test_nucleus_keeps_tokens_while_the_cumulative_probability_is_at_most_p():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     kept = torch.isfinite(nucleus_filter(logits, 0.85))
     assert kept.tolist() == [[True, True, False, False]]
-    assert torch.isfinite(nucleus_filter(logits, 0.7)).sum() == 1  # MDLM's rule: 0.3 would cross 0.7, so it goes
+    assert torch.isfinite(nucleus_filter(logits, 0.7)).sum() == 1  # ReMDM's rule: 0.3 would cross 0.7, so it goes
     assert torch.isfinite(nucleus_filter(logits, 0.4)).sum() == 1
     # top_p <= 0 still keeps the most likely token (an all -inf row would sample token 0).
     assert torch.isfinite(nucleus_filter(logits, 0.0)).tolist() == [[True, False, False, False]]

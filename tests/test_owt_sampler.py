@@ -320,7 +320,7 @@ def test_ancestral_needs_a_rate_count():
 
 
 def test_nucleus_drops_the_token_that_crosses_p():
-    """MDLM, ReMDM and the authors keep a token while the cumulative probability is <= p, and the argmax always."""
+    """ReMDM and the authors keep a token while the cumulative probability is <= p, and the argmax always."""
     from prism_ds.core.sampling_utils import nucleus_filter, sample_tokens
 
     logits = torch.tensor([[0.85, 0.10, 0.05], [0.5, 0.3, 0.2], [0.95, 0.03, 0.02]]).log()

@@ -77,7 +77,8 @@ def _check(cfg: RunConfig) -> None:
         raise ValueError(f"code-eval generate runs one setting: sampler.steps={s.steps} and sampler.policies="
                          f"{s.policies} must each have one value (the sweep command runs several)")
     policy, count = parse_variant(s.policies[0], s.remask_count)
-    blockwise_schedule(s, count).check(s.steps[0], planned_remasks=policy != "none" and not s.threshold)
+    planned = policy != "none" and (not s.threshold or s.threshold_steps == "cap")  # K_block needs an inner step
+    blockwise_schedule(s, count).check(s.steps[0], planned_remasks=planned)
     check_fast_sampling(s.cache, s.threshold or None, s.threshold_steps)  # before the model loads
     if cfg.codeeval.n_samples < 1 or cfg.codeeval.batch_size < 1:
         raise ValueError("codeeval.n_samples and codeeval.batch_size must be >= 1")

@@ -106,8 +106,10 @@ class _KVState:
         return (lo, length) if self.mode == "prefix" else (lo, hi)
 
 
-def _pass(model, tok, rows, cols, need_quality: bool, extras, mask_id, state: _KVState | None):
-    """One forward: (logits at the window columns [B, W, V], quality [B, L] or None), filling or reading a cache."""
+def _pass(model, tok, rows, cols, need_quality: bool, extras, mask_id, state: _KVState | None, window_key):
+    """One forward: (logits at the window columns [B, W, V], quality [B, L] or None), filling or reading a cache.
+
+    window_key names the window; a new one starts with a full pass that refills the cache."""
     pick = lambda t: None if t is None else t[rows]  # noqa: E731
     full_cols = len(cols) == tok.shape[1]
     args = (model, tok, need_quality, extras, pick(extras.attention_mask), pick(extras.cfg_mask), mask_id,
@@ -115,9 +117,9 @@ def _pass(model, tok, rows, cols, need_quality: bool, extras, mask_id, state: _K
     lo, hi, length = int(cols[0]), int(cols[-1]) + 1, tok.shape[1]
     if state is None or full_cols:
         computed, out = (0, length), _forward(*args)
-    elif state.window != (lo, hi):  # a new window (block): full pass, refill the cache
+    elif state.window != window_key:  # a new window (block): full pass, refill the cache
         computed, out = (0, length), _forward(*args, fill_cache=True)
-        state.kv, state.rows, state.window = out.kv_cache, rows, (lo, hi)
+        state.kv, state.rows, state.window = out.kv_cache, rows, window_key
     else:  # rows only ever leave the batch, so they are a subset of the cached ones
         where = torch.searchsorted(state.rows, rows)
         computed = state.fresh_range(lo, hi, length)
@@ -159,25 +161,24 @@ def _stop_at_eos(tok, msk, window, eos_id: int):
     return tok, msk & ~done[:, None], done
 
 
-def _choose_unmask(plan, fillable, n_remasked, rank_prob, proposal_prob, extras, order: str, generator,
+def _choose_unmask(plan, fillable, n_remasked, rank_prob, threshold: float | None, order: str, generator,
                    fill_window: bool):
     """Bool [B, L]: the masked tokens that become clean this step.
 
-    By the plan's per-token rate (ancestral sampling); else, by `order`, the plan's count plus the tokens remasked
-    this step (deterministic counts), or with a threshold every token at or above it (at least one; all of the
-    window when `fill_window`, the last planned step under threshold_steps="cap").
+    By the plan's per-token rate (ancestral sampling); with a threshold, every token whose confidence is at least
+    it and the most confident one (Fast-dLLM's rule, whatever `order`; all of the window when `fill_window`, the
+    last planned step under threshold_steps="cap"); else, by `order`, the plan's count plus the tokens remasked
+    this step (deterministic counts).
     """
     if plan.unmask_rate is not None:
         u = torch.rand(fillable.shape, generator=generator, device=fillable.device, dtype=torch.float64)
         return (u < plan.unmask_rate[:, None]) & fillable
-    available = fillable.sum(1)
-    if extras.threshold is None:
-        count = torch.minimum(plan.unmask + n_remasked, available)
-    elif fill_window:
-        count = available
-    else:
-        above = ((proposal_prob >= extras.threshold) & fillable).sum(1)
-        count = torch.minimum(above.clamp_min(1), available)
+    if fill_window:
+        return fillable
+    if threshold is not None:
+        most = select_top(rank_prob, fillable, torch.ones(len(fillable), dtype=torch.long, device=fillable.device))
+        return fillable & ((rank_prob >= threshold) | most)
+    count = torch.minimum(plan.unmask + n_remasked, fillable.sum(1))
     return select_top(unmask_scores(order, rank_prob, generator), fillable, count)
 
 
@@ -207,6 +208,8 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         if getattr(schedule, "k_block", None) is None:
             raise ValueError("sampler.threshold needs the blockwise schedule (it decodes block by block)")
         k_block = schedule.k_block
+        if extras.threshold_steps == "cap" and policy != "none":  # the remask round (second pass) must be refilled
+            schedule.check(num_steps, planned_remasks=True)  # by a later planned step
     state = None
     if extras.cache != "none":
         if extras.cfg_scale > 0:
@@ -245,8 +248,8 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         if len(cols) == 0:  # every row's canvas ended before this block (the canvas layout): nothing to do
             step, _ = step + 1, bar.update()
             continue
+        window = plan.window_id if plan.window_id is not None else (int(cols[0]), int(cols[-1]))
         if threshold:
-            window = (int(cols[0]), int(cols[-1]))
             window_step = window_step + 1 if window == seen_window else 0  # passes into this window
             if not fillable.any() and (policy == "none" or window_step > 1):
                 # The window is filled and its remask round is done: no pass until the next window, but a
@@ -261,7 +264,8 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         # The quality head runs only on steps that may remask (not before l_on, not in loop steps).
         may_remask = policy != "none" and bool(((plan.remask_count if plan.remask_count is not None
                                                  else plan.remask_rate) > 0).any())
-        logits, quality = _pass(model, tok, rows, cols, needs_quality(policy) and may_remask, extras, mask_id, state)
+        logits, quality = _pass(model, tok, rows, cols, needs_quality(policy) and may_remask, extras, mask_id, state,
+                                window)
         remask = torch.zeros_like(msk)
         if policy != "none":  # quality and confidence describe `tok` as it is now, before this step's changes
             # A step that remasks nothing still draws its (unused) tie-breaks, so the random stream is the same.
@@ -282,22 +286,24 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
             rank_prob = torch.where(proposal == extras.eos_id, proposal_prob * extras.eos_confidence, proposal_prob)
         # fillable holds the masks before this step's remasking: a token remasked now waits a step.
         fill_window = plan.window_closes and (not threshold or extras.threshold_steps == "cap")
-        unmask = _choose_unmask(plan, fillable, pre.sum(1) + remask.sum(1), rank_prob, proposal_prob, extras,
+        unmask = _choose_unmask(plan, fillable, pre.sum(1) + remask.sum(1), rank_prob, extras.threshold,
                                 unmask_order, generator, fill_window)
         tok = torch.where(unmask, proposal, tok).masked_fill(remask, mask_id)
         msk = (msk & ~unmask) | remask
         confidence[rows] = torch.where(unmask, proposal_conf, confidence[rows])
-        # Fast-dLLM's threshold decoding ignores the step count: a block that is not full after its last planned
-        # step takes that step again.
+        # Under a threshold a window's K_block remasks come in its second pass: until then its rows wait for them.
+        round_pending = threshold and policy != "none" and k_block > 0 and window_step < 1
+        # Fast-dLLM's threshold decoding ignores the step count: a block that is not full (or has not had its
+        # remask round) after its last planned step takes that step again.
         block_unfinished = plan.window_closes and threshold and extras.threshold_steps == "ignore" \
-            and bool((msk & plan.window).any())
+            and (bool((msk & plan.window).any()) or round_pending)
         done = torch.zeros_like(active[rows])
         if extras.stop_at_eos and plan.window_closes and not block_unfinished:
             tok, msk, done = _stop_at_eos(tok, msk, plan.window, extras.eos_id)
         tokens[rows], masked[rows] = tok, msk
-        # A filled row is finished, unless loop steps follow or, under a threshold, its current window still has a
-        # remask round to run (a row whose canvas ended has an empty window and leaves).
-        waiting = plan.window.any(1) & (threshold and not plan.window_closes)
+        # A filled row is finished, unless loop steps follow or its current window still has a remask round to run
+        # (a row whose canvas ended has an empty window and leaves).
+        waiting = plan.window.any(1) & round_pending
         active[rows] = ~done & (msk.any(1) | waiting | schedule.refines_complete(step + 1, num_steps))
         if extras.history is not None:
             full_remask, full_unmask = torch.zeros_like(masked), torch.zeros_like(masked)

@@ -16,9 +16,9 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Set logits outside the nucleus to -inf: the tokens whose cumulative probability (sorted, the token itself
     included) is <= top_p, and always the argmax.
 
-    This is MDLM's, ReMDM's and the PRISM authors' rule: the token that crosses top_p is dropped (for p = [0.85,
-    0.10, 0.05] at 0.9 only the first token stays), not kept as in Holtzman et al.'s "smallest set reaching p".
-    """
+    This is ReMDM's and the PRISM authors' rule (their `diffusion.py` / `prob_path.py`): the token that crosses
+    top_p is dropped (for p = [0.85, 0.10, 0.05] at 0.9 only the first token stays), not kept as in Holtzman et
+    al.'s "smallest set reaching p"."""
     if top_p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)

@@ -45,6 +45,7 @@ class StepPlan:
     # they are refilled from that same pass, on top of `unmask`.
     pre_remask: torch.Tensor | None = None
     unmask_rate: torch.Tensor | None = None  # [B] float: per-masked-token unmask probability (replaces `unmask`)
+    window_id: int | None = None  # which window this is (the block index), when the schedule has windows
 
 
 class Schedule:

@@ -85,7 +85,8 @@ class BlockwiseSchedule(Schedule):
         steps_left = per_block - i
         base = torch.div(n_masked + steps_left - 1, steps_left, rounding_mode="floor")  # even, remainder first
         k = remask_steps(self.k_block, per_block)[i] if remasking else 0
-        return StepPlan(window, base, remask_count=torch.full_like(base, k), window_closes=steps_left == 1)
+        return StepPlan(window, base, remask_count=torch.full_like(base, k), window_closes=steps_left == 1,
+                        window_id=block)
 
 
 def blockwise_schedule(sampler_cfg: SamplerConfig, remask_count: str = "fixed") -> BlockwiseSchedule:
