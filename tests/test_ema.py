@@ -25,12 +25,15 @@ def test_paper_recipes_train_with_the_authors_ema_and_constant_warmup(recipe, st
         assert build_ds_config(s, stage, 1).get("zero_optimization", {}).get("stage", 0) <= 2, stage
 
 
-def test_ema_under_zero3_is_refused_naming_the_keys(tmp_path):
-    cfg = load_config("sudoku_cpu", tiny_overrides(tmp_path, **{"finetune.ema_decay": 0.9,
+def test_ema_under_zero3_is_refused_naming_the_keys_and_keeps_what_was_there(tmp_path):
+    cfg = load_config("sudoku_cpu", tiny_overrides(tmp_path, **{"finetune.ema_decay": 0.9, "finetune.resume": False,
                                                                 "finetune.ds_config": "zero3.json"}))
+    earlier = tmp_path / "finetune" / "checkpoints" / "step00000010"
+    earlier.mkdir(parents=True)  # what an earlier run left: a refused run must not delete it
     with pytest.raises(ConfigError, match=r"finetune\.ema_decay=0\.9 needs ZeRO stage <= 2, but "
                                           r"finetune\.ds_config=zero3\.json uses stage 3 .*set finetune\.ema_decay=0"):
         trainer.train(cfg, "finetune", progress=False)
+    assert earlier.exists()
 
 
 def _spy_on_ema(monkeypatch) -> dict:

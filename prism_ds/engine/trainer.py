@@ -240,8 +240,6 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     dist_utils.init_distributed()
     rank, n_ranks, device = dist_utils.rank(), dist_utils.world_size(), dist_utils.device()
     out_dir, ckpt_dir = stage_dir(cfg, stage), stage_dir(cfg, stage) / "checkpoints"
-    if overwrite or not s.resume:
-        _start_over(out_dir, rank)
     ds_config = dist_utils.build_ds_config(s, stage, n_ranks)
     if s.ema_decay and ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
         # Checked before the data is built: the refusal should not wait for it.
@@ -251,6 +249,8 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     task = build_task(cfg, s.micro_batch_size, rank, n_ranks, progress)
     if mode == "prism" and cfg.prism.k > task.maskable:
         raise ConfigError(f"prism.k={cfg.prism.k} exceeds the {task.maskable} maskable positions of a sequence")
+    if overwrite or not s.resume:  # only now: a run refused above keeps the checkpoints it found
+        _start_over(out_dir, rank)
     model = _build(cfg, stage, task, ds_config)
     optimizer = build_optimizer(model, s, ds_config)
     scheduler = build_scheduler(optimizer, s, stage)
