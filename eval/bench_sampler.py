@@ -59,7 +59,7 @@ def authors_loop(model, tokens: torch.Tensor, prompt_len: torch.Tensor, block_le
     n_blocks = canvas // block_length
     per_block, passes = max(1, steps // n_blocks), 0
     remask = _centred(k_block, per_block) if policy != "none" else [0] * per_block
-    for b in range(n_blocks):
+    for b in tqdm(range(n_blocks), desc=f"the authors' loop (N = {steps})", leave=False):
         lo = prompt_len + b * block_length
         block = (pos >= lo[:, None]) & (pos < (lo + block_length).clamp(max=canvas)[:, None])
         if not ((x == MASK) & block).any():  # a block past every row's canvas: no pass
@@ -120,7 +120,8 @@ def main() -> None:
     schedule = BlockwiseSchedule(args.block_length, args.k_block, canvas=args.canvas)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     modes = {"uncached": {}, "prefix cache": {"cache": "prefix"}, "dual cache": {"cache": "dual"},
-             f"dual cache + threshold {args.threshold} (Fast-dLLM rule)": {"cache": "dual", "threshold": args.threshold}}
+             f"dual cache + threshold {args.threshold} (Fast-dLLM rule)": {"cache": "dual",
+                                                                          "threshold": args.threshold}}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"LLaDA {args.size} (random weights, vocab 126464, output layer x{args.sharpen}) on {name}, {dtype}: "
           f"canvas {args.canvas} = prompt {args.prompt} + {args.canvas - args.prompt} masks, blocks of "

@@ -24,7 +24,7 @@ from prism_ds.codeeval.extract import complete_program, extract_code
 from prism_ds.codeeval.tasks import CodeTask, check_benchmark, load_tasks, select, task_prompt_ids
 from prism_ds.config import RunConfig, to_dict
 from prism_ds.core.remask import parse_variant
-from prism_ds.core.sampler import SamplingExtras, check_fast_sampling, sample
+from prism_ds.core.sampler import SamplingExtras, check_fast_sampling, k_block_needs_inner_step, sample
 from prism_ds.core.schedules import blockwise_schedule
 from prism_ds.jsonl import jsonl_rows
 
@@ -50,9 +50,9 @@ def settings_of(cfg: RunConfig, model_dir: str, benchmark: str) -> dict:
     out["steps"], out["policy"] = out["steps"][0], out.pop("policies")[0]
     if out["canvas"]:  # gen_length plays no part in the canvas layout
         out["gen_length"] = None
-    return {"benchmark": benchmark, "prompt_format": cfg.text.prompt_format, "model": str(Path(model_dir).resolve()), "n_samples": cfg.codeeval.n_samples,
-            "tasks": cfg.codeeval.tasks, "merge_adapter": cfg.codeeval.merge_adapter,
-            "batch_size": cfg.codeeval.batch_size, "remask_count": cfg.sampler.remask_count, **out}
+    return {"benchmark": benchmark, "prompt_format": cfg.text.prompt_format, "model": str(Path(model_dir).resolve()),
+            "n_samples": cfg.codeeval.n_samples, "tasks": cfg.codeeval.tasks,
+            "merge_adapter": cfg.codeeval.merge_adapter, "batch_size": cfg.codeeval.batch_size, "remask_count": cfg.sampler.remask_count, **out}
 
 
 def read_samples(path: Path, settings: dict | None = None) -> list[dict]:
@@ -77,7 +77,7 @@ def _check(cfg: RunConfig) -> None:
         raise ValueError(f"code-eval generate runs one setting: sampler.steps={s.steps} and sampler.policies="
                          f"{s.policies} must each have one value (the sweep command runs several)")
     policy, count = parse_variant(s.policies[0], s.remask_count)
-    planned = policy != "none" and (not s.threshold or s.threshold_steps == "cap")  # K_block needs an inner step
+    planned = k_block_needs_inner_step(policy, s.threshold or None, s.threshold_steps)
     blockwise_schedule(s, count).check(s.steps[0], planned_remasks=planned)
     check_fast_sampling(s.cache, s.threshold or None, s.threshold_steps)  # before the model loads
     if cfg.codeeval.n_samples < 1 or cfg.codeeval.batch_size < 1:

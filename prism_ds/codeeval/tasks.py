@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prism_ds.text.prompt_format import prompt_ids
+
 BENCHMARKS = ("mbpp", "mbpp+", "humaneval", "humaneval+")
 _MBPP_HUB = ("google-research-datasets/mbpp", "full")
 
@@ -139,8 +141,6 @@ def first_function_name(code: str) -> str | None:
 
 def task_prompt_ids(tokenizer, task: CodeTask, text_cfg) -> list[int]:
     """Prompt ids of a task in the run's text.prompt_format (text_cfg: its TextDataConfig), as training renders it."""
-    from prism_ds.text.prompt_format import prompt_ids
-
     if text_cfg.prompt_format != "prism_code":
         return prompt_ids(tokenizer, text_cfg.prompt_format, task.instruction, template=text_cfg.template)
     if not (task.task_text and task.func_name):

@@ -77,6 +77,12 @@ def check_fast_sampling(cache: str, threshold: float | None, threshold_steps: st
         raise ValueError(f"sampler.threshold_steps={threshold_steps!r}: expected one of {THRESHOLD_STEPS}")
 
 
+def k_block_needs_inner_step(policy: str, threshold: float | None, threshold_steps: str) -> bool:
+    """Whether K_block remasks need a planned step after the one that makes them (to refill them): always, except
+    under a threshold with Fast-dLLM's rule ("ignore"), where a block takes passes until it is full."""
+    return policy != "none" and (threshold is None or threshold_steps == "cap")
+
+
 def _forward(model, tokens, need_quality: bool, extras: SamplingExtras, attention_mask, cfg_mask, mask_id: int,
              cols: torch.Tensor | None, **cache):
     """Logits at `cols` (all positions when None; guided when cfg_scale > 0) and quality, in one batched pass."""
@@ -208,8 +214,8 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
         if getattr(schedule, "k_block", None) is None:
             raise ValueError("sampler.threshold needs the blockwise schedule (it decodes block by block)")
         k_block = schedule.k_block
-        if extras.threshold_steps == "cap" and policy != "none":  # the remask round (second pass) must be refilled
-            schedule.check(num_steps, planned_remasks=True)  # by a later planned step
+        if k_block_needs_inner_step(policy, extras.threshold, extras.threshold_steps):  # "cap": the remask round
+            schedule.check(num_steps, planned_remasks=True)  # (second pass) must be refilled by a later planned step
     state = None
     if extras.cache != "none":
         if extras.cfg_scale > 0:

@@ -77,9 +77,11 @@ def unmask_scores(order: str, token_probs: torch.Tensor, generator: torch.Genera
     raise ValueError(f"sampler.unmask_order={order!r}: expected 'random' or 'confidence'")
 
 
-from prism_ds.core.schedules.blockwise import BlockwiseSchedule, blockwise_schedule  # noqa: E402 - needs the names above
+# The schedule modules import the names above, so they come last.
+from prism_ds.core.schedules.blockwise import BlockwiseSchedule, blockwise_schedule  # noqa: E402
 from prism_ds.core.schedules.even import EvenSchedule  # noqa: E402
 from prism_ds.core.schedules.loop import LoopSchedule, RemdmLoopSchedule, even_family_schedule  # noqa: E402
 
 __all__ = ["REMASK_COUNTS", "SCHEDULE_KINDS", "StepPlan", "Schedule", "sigma_max", "unmask_scores",
-           "BlockwiseSchedule", "blockwise_schedule", "EvenSchedule", "LoopSchedule", "RemdmLoopSchedule", "even_family_schedule"]
+           "BlockwiseSchedule", "blockwise_schedule", "EvenSchedule", "LoopSchedule", "RemdmLoopSchedule",
+           "even_family_schedule"]

@@ -138,7 +138,7 @@ def loop_split(cfg: SamplerConfig, num_steps: int) -> tuple[int, int]:
 
 
 def even_family_schedule(kind: str, count: str, cfg: SamplerConfig, num_steps: int) -> Schedule:
-    """The schedule of a row "policy[:count][/kind]" (kind: even | ancestral | loop | remdm-loop) for an N-step budget."""
+    """The schedule of a row "policy[:count][/kind]" (even | ancestral | loop | remdm-loop) for an N-step budget."""
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"sampler.policies: schedule {kind!r} is not one of {SCHEDULE_KINDS}")
     if num_steps < 1:
