@@ -10,6 +10,7 @@ import os
 import sys
 
 from prism_ds.config import ConfigError, load_config
+from prism_ds.engine.cpu_kernels import use_cpu_kernels
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_recipe: str | None = "sudoku_cpu") -> None:
@@ -26,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="run one training stage (pretrain = MDM loss, finetune = PRISM loss)")
-    p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
+    p = sub.add_parser("train", help="run one training stage (pretrain = MDM loss, finetune = PRISM loss, critic = "
+                                     "the Token-Critic baseline's critic against the frozen finetune export)")
+    p.add_argument("--stage", choices=["pretrain", "finetune", "critic"], required=True)
     p.add_argument("--overwrite", action="store_true", help="train the stage again even if it finished with "
                                                             "another config")
     _add_config_args(p)
@@ -37,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--puzzles", required=True, help="CSV of puzzles in the paper's format (0 = blank)")
     p.add_argument("--out", required=True, help="CSV to write the filled boards to")
     p.add_argument("--steps", type=int, required=True, help="number of sampler steps (forward passes)")
-    p.add_argument("--policy", default="prism", help="remask policy: none, prism, remdm, remdm-conf, optionally "
-                                                     "with a count rule, e.g. remdm:binomial (ReMDM-cap)")
+    p.add_argument("--policy", default="prism", help="remask policy: none, prism, remdm, remdm-conf, token-critic "
+                                                     "(reads sampler.critic), optionally with a count rule, e.g. "
+                                                     "remdm:binomial (ReMDM-cap)")
     _add_config_args(p, default_recipe=None)
 
     p = sub.add_parser("eval", help="success table (steps x policy) of a checkpoint on the run's puzzles")
@@ -120,6 +123,7 @@ def _run(args: argparse.Namespace) -> None:
         _code_eval(args, progress)
         return
     cfg = load_config(args.recipe, args.overrides)
+    use_cpu_kernels(cfg.cpu_kernels)  # before the first tensor operation: torch and MKL read it once
     if args.command == "train":
         from prism_ds.engine.trainer import train
 
@@ -159,12 +163,17 @@ def _sample(args: argparse.Namespace, progress: bool) -> None:
 
     from prism_ds.engine.distributed import device
 
+    from prism_ds.models.critic import critic_for
+
     model, ckpt_cfg = load_model(args.checkpoint, device())
     # Sampler settings: --recipe if given, else the checkpoint's run config; then the overrides.
-    sampler = load_config(args.recipe or str(Path(args.checkpoint) / "config.yaml"), args.overrides).sampler
+    cfg = load_config(args.recipe or str(Path(args.checkpoint) / "config.yaml"), args.overrides)
+    sampler = cfg.sampler
+    critic, _ = critic_for([args.policy], sampler, cfg.run_dir, device(), args.checkpoint)  # token-critic only
     spec = board_spec(ckpt_cfg)
     puzzles = read_csv(args.puzzles, spec)
-    filled = solve(model, spec, puzzles.to(device()), args.steps, args.policy, sampler, progress=progress).cpu()
+    filled = solve(model, spec, puzzles.to(device()), args.steps, args.policy, sampler, progress=progress,
+                   critic=critic).cpu()
     write_csv(args.out, filled)
     ok = is_solved(spec, filled, puzzles).float().mean().item()
     print(f"wrote {len(filled)} boards to {args.out}; solved {100 * ok:.1f}%")

@@ -111,6 +111,16 @@ class StageConfig:
     resume: bool = True  # continue from the stage's latest DeepSpeed checkpoint when there is one
     peak_tflops: float = 0.0  # per-GPU peak for the MFU estimate; 0 = look up the GPU name
     init_from: str = ""  # checkpoint dir; empty = the pretrain stage's final checkpoint (finetune only)
+    # (critic: the export whose backbone is the frozen f_theta; empty = the finetune stage's final checkpoint)
+
+
+@dataclass
+class CriticStageConfig(StageConfig):
+    """The Token-Critic baseline's critic stage (`train --stage critic`); steps 0 = the run has none.
+
+    Its own class so that setting any critic.* key leaves steps at 0 unless steps itself is set."""
+
+    steps: int = 0
 
 
 @dataclass
@@ -174,6 +184,10 @@ class SamplerConfig:
     batch_size: int = 500
     seed: int = 1234
     n_seeds: int = 1  # evaluation repeats with seeds seed, seed+1, ... (mean and 95% intervals)
+    critic: str = ""  # token-critic rows: the critic export; empty = <run_dir>/critic/final
+    # The demo's mechanism report (sudoku/mechanism.py): how well each remask score finds wrong cells, on this many
+    # evaluation puzzles at every N in steps (0 = no report).
+    mechanism_puzzles: int = 0
     # Blockwise semi-autoregressive sampling (LLaDA, code-eval): prompt + gen_length masks in blocks.
     gen_length: int = 256
     block_length: int = 32
@@ -247,6 +261,8 @@ class RunConfig:
 
     run_dir: str = "runs/sudoku"
     seed: int = 0
+    # native | portable: CPU kernels that train the same bits on every x86-64 machine (engine/cpu_kernels.py)
+    cpu_kernels: str = "native"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quality_head: QualityHeadConfig = field(default_factory=QualityHeadConfig)
@@ -257,6 +273,7 @@ class RunConfig:
     text: TextDataConfig = field(default_factory=TextDataConfig)
     pretrain: StageConfig = field(default_factory=StageConfig)
     finetune: StageConfig = field(default_factory=StageConfig)
+    critic: CriticStageConfig = field(default_factory=CriticStageConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     codeeval: CodeEvalConfig = field(default_factory=CodeEvalConfig)
     text_eval: TextEvalConfig = field(default_factory=TextEvalConfig)

@@ -100,6 +100,8 @@ def test_table_reports_mean_over_seeds_intervals_and_the_paired_lead_over_the_st
     # Strongest baseline is remdm (62.5 > 37.5); prism - remdm per puzzle: [0, 1, 0, 0] -> +25.0 ± 49.0
     assert "4 steps: prism − strongest baseline (remdm) = +25.0 points" in table
     assert "-24.0 to +74.0" in table
+    # ... and against every row: prism - none per puzzle [1, .5, .5, .5] -> +62.5, sd 0.25, half-width 24.5
+    assert "| none | +62.5 [+38.0, +87.0] |" in table and "| remdm | +25.0 [-24.0, +74.0] |" in table
 
 
 def test_unknown_policy_or_count_is_named():

@@ -6,6 +6,8 @@ A policy gives every clean token a remask priority (higher = remask first):
   remdm       all equal: a uniformly random subset (ReMDM)
   remdm-conf  the lowest confidence first; a token's confidence is its probability when it was
               unmasked, kept until it is remasked (ReMDM-conf; the authors' code overwrote it every step)
+  token-critic  the lowest Token-Critic score first: a separate critic's logit for each token of x̂, the
+              board with every mask filled from this pass's logits (models/critic.py: CriticScored)
 
 The schedule's remask count (schedules.REMASK_COUNTS) turns priorities into a choice:
   fixed, binomial  a count K per row; the K highest priorities are remasked, ties at random
@@ -22,7 +24,7 @@ import torch
 from prism_ds.core.sampling_utils import select_top
 from prism_ds.core.schedules import REMASK_COUNTS, SCHEDULE_KINDS
 
-POLICIES = ("none", "prism", "remdm", "remdm-conf")
+POLICIES = ("none", "prism", "remdm", "remdm-conf", "token-critic")
 
 
 def check_policy(policy: str) -> None:
@@ -32,12 +34,24 @@ def check_policy(policy: str) -> None:
 
 
 def needs_quality(policy: str) -> bool:
-    """Whether the policy reads the quality head (only then is the head evaluated)."""
-    return policy == "prism"
+    """Whether the policy reads the model's quality (PRISM's head, or a critic's scores); only then is it computed."""
+    return policy in ("prism", "token-critic")
+
+
+def scorer_missing(policy: str, model) -> bool:
+    """Whether `model` lacks what the policy ranks by: a quality head (prism) or a critic (token-critic, whose
+    scores come from a CriticScored wrapper; a PRISM head must never stand in for them)."""
+    if policy == "token-critic":
+        return getattr(model, "critic", None) is None
+    return needs_quality(policy) and getattr(model, "quality_head", True) is None
 
 
 def no_quality_error(policy: str) -> ValueError:
-    """The error for a policy that reads the quality head on a model without one."""
+    """The error for a policy that reads the quality head (or, token-critic, a critic) on a model without one."""
+    if policy == "token-critic":
+        return ValueError("sampler.policy='token-critic' needs a critic: train one with `prism-ds train --stage "
+                          "critic critic.steps=N` and set sampler.critic to its export (default "
+                          "<run_dir>/critic/final); Sudoku evaluation and `prism-ds sample` load it")
     return ValueError(f"sampler.policy={policy!r} needs a model with a quality head "
                       "(fine-tune one with `prism-ds train --stage finetune`)")
 
@@ -45,7 +59,7 @@ def no_quality_error(policy: str) -> ValueError:
 def remask_priority(policy: str, quality: torch.Tensor | None, confidence: torch.Tensor) -> torch.Tensor:
     """Priority [B, L] float64 of each position for remasking (higher first); deterministic."""
     check_policy(policy)
-    if policy == "prism":
+    if policy in ("prism", "token-critic"):
         if quality is None:
             raise no_quality_error(policy)
         return -quality.double()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from prism_ds.core.remask import choose_remask, needs_quality, no_quality_error, remask_priority
+from prism_ds.core.remask import choose_remask, needs_quality, no_quality_error, remask_priority, scorer_missing
 from prism_ds.core.sampling_utils import sample_tokens, select_top
 from prism_ds.core.schedules import Schedule, unmask_scores
 
@@ -206,8 +206,8 @@ def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_s
     if extras.cfg_scale > 0 and extras.cfg_mask is None:
         raise ValueError("sampler.cfg_scale > 0 needs the positions to mask for the unconditional pass (cfg_mask)")
     check_fast_sampling(extras.cache, extras.threshold, extras.threshold_steps)
-    if needs_quality(policy) and getattr(model, "quality_head", True) is None:  # before any pass: steps that
-        raise no_quality_error(policy)  # remask nothing do not ask the head, so a short run might never notice
+    if scorer_missing(policy, model):  # before any pass: steps that remask nothing do not ask the head,
+        raise no_quality_error(policy)  # so a short run might never notice
     threshold = extras.threshold is not None
     seen_window, window_step, k_block = None, 0, 0
     if threshold:

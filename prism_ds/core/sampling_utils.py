@@ -68,3 +68,26 @@ def select_top(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tenso
         order = scores.argsort(dim=-1, descending=True, stable=True)
     rank = order.argsort(dim=-1)
     return (rank < counts[:, None]) & eligible
+
+
+_FILL_CHUNK = 8192  # positions per float64 draw, so a large vocabulary never needs a [B, L, V] float64 copy
+
+
+def fill_masks(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, mask_id: int,
+               allowed_tokens: torch.Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """`tokens` [B, L] with every `masked` position replaced by a draw from logits [B, L, V] (Token-Critic's x̂).
+
+    Never the mask and (allowed_tokens, bool [V]) only tokens sampling may produce, e.g. digits in a Sudoku cell.
+    """
+    out = tokens.clone()
+    rows, cols = masked.nonzero(as_tuple=True)
+    for i in range(0, len(rows), _FILL_CHUNK):
+        r, c = rows[i:i + _FILL_CHUNK], cols[i:i + _FILL_CHUNK]
+        sub = logits[r, c].detach().double()
+        sub[..., mask_id] = float("-inf")
+        if allowed_tokens is not None:
+            sub[..., ~allowed_tokens.to(sub.device)] = float("-inf")
+        out[r, c] = sample_tokens(sub, temperature=temperature, top_p=top_p, generator=generator,
+                                  need_drawn_prob=False).tokens
+    return out

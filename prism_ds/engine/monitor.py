@@ -3,8 +3,8 @@
 Scalars: loss/{total,mdm,prism} averaged over the window and over ranks, lr/<group>, grad_norm,
 throughput/{tokens_per_s,samples_per_s}, data/padding_fraction, data/{truncated,truncated_tokens,dropped} (over-long text
 samples so far, all ranks), throughput/mfu (GPU only), and quality/{auroc,frac_correct} of the head on
-the training batches. Held-out calibration adds
-calibration/{ece,auroc} and the calibration/reliability figure (engine/plots.py).
+the training batches (the critic stage logs loss/critic instead of loss/prism). Held-out calibration adds
+calibration/{ece,auroc,bce} and the calibration/reliability figure (engine/plots.py).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Monitor:
 
     def __init__(self, log_dir: Path | None, log_every: int, n_ranks: int, n_params: int, peak_tflops: float = 0.0,
                  config_text: str = "", purge_step: int | None = None, n_trainable: int | None = None,
-                 backbone_trains: bool = True):
+                 backbone_trains: bool = True, term: str = "prism"):
         self.writer = None
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -56,6 +56,7 @@ class Monitor:
         self.log_every, self.n_ranks, self.n_params = log_every, n_ranks, n_params
         self.n_trainable = n_params if n_trainable is None else n_trainable
         self.backbone_trains = backbone_trains
+        self.term = term  # the scored term's name: loss/prism, or loss/critic for the Token-Critic baseline
         self.peak_flops = _peak_flops(peak_tflops)
         self._reset(time.time())
 
@@ -123,7 +124,8 @@ class Monitor:
             scalars["throughput/mfu"] = flops / elapsed / (self.peak_flops * self.n_ranks)
         if self.quality:
             q, y = torch.cat(self.quality), torch.cat(self.labels)
-            scalars |= {"loss/prism": prism, "quality/auroc": auroc(q, y), "quality/frac_correct": y.mean().item()}
+            scalars |= {f"loss/{self.term}": prism, "quality/auroc": auroc(q, y),
+                        "quality/frac_correct": y.mean().item()}
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
@@ -132,9 +134,10 @@ class Monitor:
 
     def log_calibration(self, step: int, quality_logits: torch.Tensor, labels: torch.Tensor,
                         n_bins: int = 10) -> dict[str, float]:
-        """ECE, AUROC and a reliability diagram of sigmoid(g) against 1[x_i = y_i] on held-out data."""
+        """ECE, AUROC, the unweighted BCE and a reliability diagram of sigmoid(g) vs 1[x_i = y_i] on held-out data."""
         probs, labels = quality_logits.float().sigmoid().cpu(), labels.float().cpu()
-        scalars = {"calibration/ece": expected_calibration_error(probs, labels, n_bins),
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(quality_logits.float().cpu(), labels).item()
+        scalars = {"calibration/ece": expected_calibration_error(probs, labels, n_bins), "calibration/bce": bce,
                    "calibration/auroc": auroc(probs, labels), "calibration/frac_correct": labels.mean().item()}
         if self.writer is not None:
             for key, value in scalars.items():

@@ -37,8 +37,9 @@ def signature(cfg: RunConfig, stage: str, vocab_size: int, world_size: int) -> d
 
 
 # Keys that do not change what a stage trains: reusing or resuming across a change to them is fine.
-_BOOKKEEPING = {"run_dir", "sampler", "codeeval", "text_eval", "data.eval_csv", "data.n_eval", "data.blanks",
-                "text.heldout_source", "model.attention", "model.gradient_checkpointing", "model.dtype"}
+# cpu_kernels changes rounding, not what is trained (as the thread count): a run may resume under the other mode.
+_BOOKKEEPING = {"run_dir", "cpu_kernels", "sampler", "codeeval", "text_eval", "data.eval_csv", "data.n_eval",
+                "data.blanks", "text.heldout_source", "model.attention", "model.gradient_checkpointing", "model.dtype"}
 _STAGE_BOOKKEEPING = ("log_every", "calib_every", "ckpt_every", "keep_last", "resume", "peak_tflops")
 
 
@@ -62,8 +63,9 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
 def config_diff(saved: dict, current: dict, stage: str, ignore: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys (with both values) where two resolved configs would train `stage` differently."""
     saved = _with_defaults(saved, to_dict(RunConfig()))
-    other = "finetune" if stage == "pretrain" else "pretrain"
-    skip = set(_BOOKKEEPING) | {other} | {f"{stage}.{k}" for k in _STAGE_BOOKKEEPING + ignore}
+    # Other stages' settings never count: what a stage starts from is checked by its init fingerprint instead.
+    others = {"pretrain", "finetune", "critic"} - {stage}
+    skip = set(_BOOKKEEPING) | others | {f"{stage}.{k}" for k in _STAGE_BOOKKEEPING + ignore}
     if stage == "pretrain":  # the quality head and PRISM objective only exist in fine-tuning
         skip |= {"prism", "quality_head"}
     a, b = _flatten(saved), _flatten(current)

@@ -1,7 +1,8 @@
 """The training loop: DeepSpeed engine, the PRISM/MDM loss, TensorBoard, checkpoints, exact resume.
 
-Both stages share it: "pretrain" trains the MDM alone, "finetune" attaches the quality head and
-trains with the PRISM objective (backbone trainable or frozen). A stage's directory holds
+Every stage shares it: "pretrain" trains the MDM alone, "finetune" attaches the quality head and
+trains with the PRISM objective (backbone trainable or frozen), and "critic" trains the Token-Critic
+baseline's separate critic DiT against the frozen f_theta of the finetune export. A stage's directory holds
     tb/            TensorBoard logs (rank 0) and config.yaml, the resolved run config
     checkpoints/   DeepSpeed checkpoints for exact resume (engine/resume.py)
     final/         the export of the trained weights (engine/checkpoint.py), what eval/sample read
@@ -21,14 +22,16 @@ from prism_ds.config import ConfigError, RunConfig, save_config, to_dict
 from prism_ds.core.objective import compute_losses
 from prism_ds.engine import distributed as dist_utils
 from prism_ds.engine.checkpoint import backbone_file, content_hash, export_trainable, load_backbone, read_meta
+from prism_ds.engine.cpu_kernels import use_cpu_kernels
 from prism_ds.engine.data_source import Batch, Task, build_task, mask_seed
 from prism_ds.engine.ema import EMA
 from prism_ds.engine.monitor import Monitor
 from prism_ds.engine.optim import build_optimizer, build_scheduler
 from prism_ds.engine.resume import config_diff, latest_tag, load_training_state, save_training_state, signature
-from prism_ds.models.prism_model import build_model, dit_dims
+from prism_ds.models.critic import build_critic
+from prism_ds.models.prism_model import PrismModel, build_model, dit_dims
 
-STAGES = {"pretrain": "pretrain", "finetune": "prism"}  # stage name -> loss mode
+STAGES = {"pretrain": "pretrain", "finetune": "prism", "critic": "critic"}  # stage name -> loss mode
 
 
 def stage_dir(cfg: RunConfig, stage: str) -> Path:
@@ -43,6 +46,8 @@ def _check_stage(cfg: RunConfig, stage: str) -> None:
                           "(fine-tuning reads finetune.init_from)")
     if stage == "pretrain" and s.freeze_backbone:
         raise ConfigError("pretrain.freeze_backbone=true leaves nothing to train")
+    if stage == "critic":
+        _check_critic(cfg)
     if cfg.model.kind not in ("dit", "mdlm", "llada", "hf"):
         raise ConfigError(f"model.kind={cfg.model.kind!r}: expected dit, mdlm, llada or hf")
     if cfg.model.kind in ("llada", "hf") and cfg.task != "text":
@@ -54,6 +59,38 @@ def _check_stage(cfg: RunConfig, stage: str) -> None:
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every", "calib_every", "keep_last"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{stage}.{key}={getattr(s, key)} must be >= 1")
+
+
+def _f_theta_export(cfg: RunConfig) -> Path:
+    """The export whose backbone is the critic's frozen f_theta: critic.init_from, else this run's fine-tuning."""
+    return Path(cfg.critic.init_from or stage_dir(cfg, "finetune") / "final")
+
+
+def _check_critic(cfg: RunConfig) -> None:
+    """The critic stage's own refusals, before anything is built."""
+    if cfg.critic.steps < 1:
+        raise ConfigError(f"critic.steps={cfg.critic.steps}: this run has no critic stage; set critic.steps (the "
+                          f"authors' Sudoku critic trains 20000 steps)")
+    if cfg.model.kind not in ("dit", "mdlm"):
+        raise ConfigError(f"the critic stage trains a DiT critic of model.*'s sizes; model.kind={cfg.model.kind} "
+                          f"is not a DiT")
+    if cfg.critic.freeze_backbone:
+        raise ConfigError("critic.freeze_backbone=true: the critic trains its whole DiT (f_theta is always frozen)")
+    if not (_f_theta_export(cfg) / "meta.json").exists():
+        raise ConfigError(f"the critic stage scores draws of the frozen f_theta in {_f_theta_export(cfg)}, which is "
+                          f"not an export: train it first (`prism-ds train --stage finetune`) or set critic.init_from")
+
+
+def _load_f_theta(cfg: RunConfig, task: Task, device: torch.device) -> PrismModel:
+    """The frozen f_theta (the finetune export's backbone, its quality head left out), in eval mode."""
+    from prism_ds.engine.checkpoint import load_model
+
+    export = _f_theta_export(cfg)
+    if read_meta(export)["vocab_size"] != task.vocab_size:
+        raise ConfigError(f"critic: f_theta in {export} has {read_meta(export)['vocab_size']} token ids but this "
+                          f"run's data has {task.vocab_size}")
+    model, _ = load_model(export, device)
+    return PrismModel(model.backbone).eval().requires_grad_(False)
 
 
 class _Interrupt:
@@ -113,8 +150,13 @@ def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
     dims = dit_dims(cfg.model)  # outside zero.Init: reading an MDLM checkpoint builds a model on the meta device
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
-        model = build_model(cfg.model, cfg.quality_head, task.vocab_size, with_head=stage == "finetune",
-                            mask_id=task.mask_id, dims=dims)
+        if stage == "critic":
+            model = build_critic(cfg.model, task.vocab_size, task.mask_id, dims=dims)
+        else:
+            model = build_model(cfg.model, cfg.quality_head, task.vocab_size, with_head=stage == "finetune",
+                                mask_id=task.mask_id, dims=dims)
+    if stage == "critic":  # from scratch, as the authors' critic ("adapter"); f_theta is loaded apart, frozen
+        return model
     init = _dit_init(cfg, stage)
     if init is not None:
         load_backbone(model, init)
@@ -138,22 +180,22 @@ def _dit_init(cfg: RunConfig, stage: str) -> Path | None:
 
 
 @torch.no_grad()
-def _heldout(model, batch: Batch, cfg: RunConfig, task: Task, chunk: int, mode: str
+def _heldout(model, batch: Batch, cfg: RunConfig, task: Task, chunk: int, mode: str, f_theta=None
              ) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
     """(MDM loss, quality logits, labels) on the held-out set, in micro-batch chunks, with the same z and y every
-    time; quality and labels only in PRISM mode."""
+    time; quality and labels only in PRISM and critic mode (critic: f_theta's MDM loss, the critic's logits on x̂)."""
     model.eval()
     gen = torch.Generator(device=batch.x.device).manual_seed(cfg.seed + 99991)
     quality, label, mdm = [], [], 0.0
     for i in range(0, len(batch.x), chunk):
         out = compute_losses(model, batch.x[i:i + chunk], batch.fixed[i:i + chunk], task.mask_id, mode,
                              cfg.masking, cfg.prism, lengths=batch.lengths[i:i + chunk], generator=gen,
-                             allowed_tokens=task.allowed_tokens)
+                             allowed_tokens=task.allowed_tokens, f_theta=f_theta)
         mdm += out.mdm.item() * len(batch.x[i:i + chunk])
         quality.append(out.quality)
         label.append(out.label)
     model.train()
-    if mode != "prism":
+    if mode == "pretrain":
         return mdm / len(batch.x), None, None
     return mdm / len(batch.x), torch.cat(quality), torch.cat(label)
 
@@ -170,7 +212,9 @@ def finished_export(cfg: RunConfig, stage: str, overwrite: bool = False) -> Path
     saved = yaml.safe_load((final / "config.yaml").read_text())
     diff = config_diff(saved, to_dict(cfg), stage)
     if read_meta(final).get("init") not in (None, init_fingerprint(cfg, stage)):
-        diff.append(f"the weights it started from ({cfg.finetune.init_from or 'pretrain/final'}) have changed")
+        source = (cfg.critic.init_from or "finetune/final") if stage == "critic" else \
+            (cfg.finetune.init_from or "pretrain/final")
+        diff.append(f"the weights it started from ({source}) have changed")
     if diff:
         raise ConfigError(f"{final} was trained with a different config ({'; '.join(diff)}). Pass --overwrite "
                           f"(or {stage}.resume=false) to train it again, or use another run_dir")
@@ -192,7 +236,9 @@ def _hf_init(cfg: RunConfig) -> Path | None:
 def init_fingerprint(cfg: RunConfig, stage: str) -> str | None:
     """What a fine-tuning stage starts from: the backbone's content hash (a DiT export, or this run's
     pretraining of a Hugging Face backbone), else the pretrained folder's shard names, sizes and times
-    (hashing 16 GB would take minutes). None for pretraining."""
+    (hashing 16 GB would take minutes). The critic: its frozen f_theta's backbone. None for pretraining."""
+    if stage == "critic":
+        return content_hash([backbone_file(_f_theta_export(cfg))])
     if stage != "finetune":
         return None
     if cfg.model.kind == "mdlm" and _dit_init(cfg, stage) is None:
@@ -232,6 +278,7 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
         raise ConfigError(f"stage '{stage}' is unknown; expected one of {sorted(STAGES)}")
     s, mode = getattr(cfg, stage), STAGES[stage]
     _check_stage(cfg, stage)
+    use_cpu_kernels(cfg.cpu_kernels)  # a no-op under `prism-ds`, which applied it first; else it says why not
     done = finished_export(cfg, stage, overwrite)
     if done is not None:
         if dist_utils.rank() == 0:
@@ -252,6 +299,7 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     if overwrite or not s.resume:  # only now: a run refused above keeps the checkpoints it found
         _start_over(out_dir, rank)
     model = _build(cfg, stage, task, ds_config)
+    f_theta = _load_f_theta(cfg, task, device) if mode == "critic" else None
     optimizer = build_optimizer(model, s, ds_config)
     scheduler = build_scheduler(optimizer, s, stage)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -280,7 +328,8 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
     monitor = Monitor(out_dir / "tb" if rank == 0 else None, s.log_every, n_ranks, n_params, s.peak_tflops,
                       str(to_dict(cfg)), purge_step=start + 1 if start else None, n_trainable=n_trainable,
-                      backbone_trains=any(p.requires_grad for p in engine.module.backbone.parameters()))
+                      backbone_trains=any(p.requires_grad for p in engine.module.backbone.parameters()),
+                      term="critic" if mode == "critic" else "prism")
     if state is not None:
         monitor.load_state_dict(state["monitor"])
     # Held-out sequences: validation MDM loss in both stages, and the head's calibration when fine-tuning.
@@ -289,6 +338,8 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
             "trainable": n_trainable, "init": init_fingerprint(cfg, stage)}
     if cfg.model.kind in ("dit", "mdlm"):  # an export rebuilds without the MDLM checkpoint it started from
         meta["dit"] = {k: v for k, v in dit_dims(cfg.model).items() if k != "vocab_size"}
+    if mode == "critic":
+        meta["f_theta"] = str(_f_theta_export(cfg).resolve())
 
     def checkpoint(step: int) -> None:
         rank_state = {"source": task.source.state_dict(), "mask_generator": mask_gen.get_state(),
@@ -305,7 +356,8 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
             for _ in range(s.grad_accum):
                 batch = task.source.next_batch().to(device)
                 losses = compute_losses(engine, batch.x, batch.fixed, task.mask_id, mode, cfg.masking, cfg.prism,
-                                        lengths=batch.lengths, generator=mask_gen, allowed_tokens=task.allowed_tokens)
+                                        lengths=batch.lengths, generator=mask_gen, allowed_tokens=task.allowed_tokens,
+                                        f_theta=f_theta)
                 # Every rank stops together: a rank raising alone would leave the others waiting in a collective.
                 if _any_rank(not torch.isfinite(losses.total).item(), device):
                     raise _not_finite(stage, f"the loss ({losses.total.item()} on rank {rank})", step, ckpt_dir)
@@ -324,9 +376,9 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logged.items()
                                  if k.startswith(("loss", "quality/auroc"))})
             if heldout is not None and (step % s.calib_every == 0 or step == s.steps):
-                val, quality, label = _heldout(engine.module, heldout, cfg, task, s.micro_batch_size, mode)
+                val, quality, label = _heldout(engine.module, heldout, cfg, task, s.micro_batch_size, mode, f_theta)
                 monitor.log_validation(step, val)
-                if mode == "prism":
+                if quality is not None:
                     monitor.log_calibration(step, quality, label)
             stop = _any_rank(interrupt.requested, device)  # all ranks save and stop together
             if step % s.ckpt_every == 0 or step == s.steps or stop:

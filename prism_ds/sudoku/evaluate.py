@@ -13,25 +13,34 @@ from tqdm import tqdm
 
 from prism_ds.config import RunConfig, SamplerConfig, to_dict
 from prism_ds.core.metrics import mean_ci95
-from prism_ds.core.remask import parse_row
+from prism_ds.core.remask import no_quality_error, parse_row
 from prism_ds.core.sampler import sample
 from prism_ds.core.schedules import even_family_schedule
+from prism_ds.models.critic import CriticScored, critic_for
 from prism_ds.sudoku.board import MASK_ID, BoardSpec, is_solved
 
 # Sampler keys that choose which cells exist (not how a cell is computed): left out of the cache key.
-# (batch_size stays in: the random draws of a batch depend on its size.)
-_CELL_KEYS = ("steps", "policies", "n_seeds")
+# (batch_size stays in: the random draws of a batch depend on its size.) The critic's path is left out too: its
+# content is hashed instead, when a row uses it.
+_CELL_KEYS = ("steps", "policies", "n_seeds", "critic", "mechanism_puzzles")
 
 
 def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, variant: str, cfg: SamplerConfig,
-          seed: int | None = None, progress: bool = False) -> torch.Tensor:
+          seed: int | None = None, progress: bool = False, critic=None) -> torch.Tensor:
     """Fill the blanks of `puzzles` [N, L] in `steps` sampler steps; clues and separators stay fixed.
 
     variant: a sampler row "policy[:count][/schedule]" ("remdm:binomial", "prism/loop"); seed: default cfg.seed.
+    critic: the Token-Critic critic that token-critic rows score with (models/critic.py); other rows ignore it.
     """
     policy, count, kind = parse_row(variant, cfg.remask_count)
-    gen = torch.Generator(device=puzzles.device).manual_seed(cfg.seed if seed is None else seed)
+    seed = cfg.seed if seed is None else seed
+    gen = torch.Generator(device=puzzles.device).manual_seed(seed)
     schedule = even_family_schedule(kind, count, cfg, steps)
+    if policy == "token-critic":  # f_theta's logits, the critic's scores of x̂ as quality (its own draws)
+        if critic is None:
+            raise no_quality_error(policy)
+        model = CriticScored(model, critic, MASK_ID, spec.digit_tokens().to(puzzles.device), seed=seed,
+                             temperature=cfg.temperature, top_p=cfg.top_p)
     outs = []
     for start in range(0, len(puzzles), cfg.batch_size):
         batch = puzzles[start:start + cfg.batch_size]
@@ -43,8 +52,11 @@ def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, variant: st
 
 
 def success_table(model, spec: BoardSpec, puzzles: torch.Tensor, cfg: SamplerConfig, results_path: str | Path,
-                  progress: bool = True) -> list[dict]:
-    """One row per (steps, variant, seed) in cfg; finished cells are read back from results_path (JSONL)."""
+                  progress: bool = True, critic=None, critic_id: str | None = None) -> list[dict]:
+    """One row per (steps, variant, seed) in cfg; finished cells are read back from results_path (JSONL).
+
+    critic: what token-critic rows score with (see solve); critic_id names its content: a token-critic cell is
+    read back only when it was computed with the same critic, so the other rows never wait for a new critic."""
     for variant in cfg.policies:  # fail before any sampling
         _, count, kind = parse_row(variant, cfg.remask_count)
         for steps in cfg.steps:
@@ -56,16 +68,19 @@ def success_table(model, spec: BoardSpec, puzzles: torch.Tensor, cfg: SamplerCon
     if results_path.exists():
         for line in results_path.read_text().splitlines():
             row = json.loads(line)
-            done[(row["steps"], row["policy"], row["seed"])] = row
+            if parse_row(row["policy"])[0] != "token-critic" or row.get("critic") == critic_id:
+                done[(row["steps"], row["policy"], row["seed"])] = row
     seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
     cells = [(st, v, sd) for st in cfg.steps for v in cfg.policies for sd in seeds]
     model.eval()
     for steps, variant, seed in tqdm(cells, desc="evaluating steps x policy x seed", disable=not progress):
         if (steps, variant, seed) in done:
             continue
-        solved = is_solved(spec, solve(model, spec, puzzles, steps, variant, cfg, seed).cpu(), puzzles.cpu())
+        solved = is_solved(spec, solve(model, spec, puzzles, steps, variant, cfg, seed, critic=critic).cpu(),
+                           puzzles.cpu())
         row = {"steps": steps, "policy": variant, "seed": seed, "n": len(puzzles),
-               "success": solved.float().mean().item(), "solved": "".join("01"[int(b)] for b in solved.tolist())}
+               "success": solved.float().mean().item(), "solved": "".join("01"[int(b)] for b in solved.tolist()),
+               **({"critic": critic_id} if parse_row(variant)[0] == "token-critic" else {})}
         done[(steps, variant, seed)] = row
         results_path.parent.mkdir(parents=True, exist_ok=True)
         with results_path.open("a") as fh:  # append per cell: an interrupted evaluation loses nothing
@@ -98,18 +113,36 @@ def format_table(rows: list[dict]) -> str:
             lead, half = mean_ci95(_per_puzzle(rows, s, prism) - _per_puzzle(rows, s, best))
             lines.append(f"- {s} steps: {prism} − strongest baseline ({best}) = {100 * lead:+.1f} points "
                          f"(paired, 95% interval {100 * (lead - half):+.1f} to {100 * (lead + half):+.1f})")
+        others = [v for v in variants if v != prism]
+        if others:  # against every row: a lead counts where its interval excludes 0
+            lines += ["", f"{prism} − row, points (paired over puzzles and seeds, 95% interval):", "",
+                      "| row | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+            for v in others:
+                cells = (mean_ci95(_per_puzzle(rows, s, prism) - _per_puzzle(rows, s, v)) for s in steps)
+                lines.append(f"| {v} | " + " | ".join(f"{100 * d:+.1f} [{100 * (d - h):+.1f}, {100 * (d + h):+.1f}]"
+                                                      for d, h in cells) + " |")
     return "\n".join(lines)
 
 
-def results_key(checkpoint: str | Path, puzzles_path: Path, cfg: SamplerConfig) -> str:
-    """Cache key from the checkpoint's content (meta + weights), the puzzles' content and the sampler settings."""
+def results_key(checkpoint: str | Path, puzzles_path: Path, cfg: SamplerConfig, critic: str | Path | None = None
+                ) -> str:
+    """Cache key from the checkpoint's content (meta + weights), the puzzles' content and the sampler settings, and
+    a critic's content when given (the mechanism report; the table records it per token-critic cell instead)."""
     from prism_ds.engine.checkpoint import backbone_file, content_hash
 
     checkpoint = Path(checkpoint)
     files = [checkpoint / "meta.json", backbone_file(checkpoint), *sorted(checkpoint.glob("quality_head*.safetensors")),
              puzzles_path]
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _CELL_KEYS}
-    return content_hash(files, json.dumps(settings, sort_keys=True))
+    return content_hash(files, json.dumps(settings, sort_keys=True) + (critic_content(critic) if critic else ""))
+
+
+def critic_content(critic: str | Path) -> str:
+    """Content hash of a critic export (meta + weights): which critic computed a token-critic cell."""
+    from prism_ds.engine.checkpoint import backbone_file, content_hash
+
+    critic = Path(critic)
+    return content_hash([critic / "meta.json", backbone_file(critic), critic / "quality_head.safetensors"], "")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, progress: bool = True) -> str:
@@ -126,16 +159,21 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, progress: bool =
     if board_spec(cfg) != spec:
         raise ValueError(f"{checkpoint} was trained on {spec.n}x{spec.n} boards but data.box_rows/box_cols "
                          f"ask for {board_spec(cfg).n}x{board_spec(cfg).n}")
-    puzzles, path = eval_puzzles(cfg, progress)
     s = cfg.sampler
+    # Before any sampling: a missing critic fails now, not after the other rows.
+    critic, critic_path = critic_for(s.policies, s, cfg.run_dir, device, checkpoint)
+    puzzles, path = eval_puzzles(cfg, progress)
     key = results_key(checkpoint, path, s)
+    critic_id = critic_content(critic_path) if critic_path else None
     out_dir = Path(checkpoint).parent / "eval"
-    rows = success_table(model, spec, puzzles.to(device), s, out_dir / f"results_{key}.jsonl", progress)
+    rows = success_table(model, spec, puzzles.to(device), s, out_dir / f"results_{key}.jsonl", progress, critic,
+                         critic_id)
     with SummaryWriter(str(out_dir / f"tb_{key}")) as writer:  # x axis = number of sampler steps
         for st in s.steps:
             for v in s.policies:
                 writer.add_scalar(f"success/{v}", mean_ci95(_per_puzzle(rows, st, v))[0], st)
     header = (f"Success rate on {len(puzzles)} {spec.n}x{spec.n} puzzles with {cfg.data.blanks} blanks "
               f"({path}); remask count {s.remask_count} (K={s.remask_k}, eta={s.eta}) unless a row names its own, "
-              f"unmask order {s.unmask_order}, temperature {s.temperature}; results cache key {key}")
+              f"unmask order {s.unmask_order}, temperature {s.temperature}; results cache key {key}"
+              + (f"; token-critic rows score with the critic {critic_path}" if critic_path else ""))
     return header + "\n\n" + format_table(rows)
