@@ -238,7 +238,7 @@ def test_wrapper_gives_f_thetas_logits_and_the_critics_scores_of_x_hat(critic_ru
         out = wrapped(puzzles)
         ref = f_theta(puzzles, need_quality=False).logits
         gen = torch.Generator().manual_seed(3 + 7_777_777)
-        from prism_ds.core.sampling_utils import fill_masks
+        from prism_ds.core.sampler import fill_masks
 
         x_hat = fill_masks(ref, puzzles, puzzles == MASK_ID, MASK_ID, spec.digit_tokens(), generator=gen)
         assert torch.equal(out.logits, ref)

@@ -12,7 +12,7 @@ import torch
 
 from prism_ds.core.loss import mdm_loss, prism_loss, token_critic_loss
 from prism_ds.core.masking import mask_tokens
-from prism_ds.core.sampling_utils import fill_masks
+from prism_ds.core.sampler import fill_masks
 from prism_ds.core.y_construction import build_y
 
 

@@ -160,6 +160,18 @@ def _draw(logits, rows, cols, mask_id: int, allowed_tokens, temperature: float, 
     return drawn, prob, drawn_prob
 
 
+def fill_masks(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, mask_id: int,
+               allowed_tokens: torch.Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """`tokens` [B, L] with every `masked` position replaced by a draw from logits [B, L, V] (Token-Critic's x̂),
+    drawn as the sampler draws: never the mask, only allowed_tokens (bool [V]), in float64 chunks."""
+    out = tokens.clone()
+    rows, cols = masked.nonzero(as_tuple=True)
+    out[rows, cols] = _draw(logits.detach(), rows, cols, mask_id, allowed_tokens, temperature, top_p, generator,
+                            need_drawn_prob=False)[0]
+    return out
+
+
 def _stop_at_eos(tok, msk, window, eos_id: int):
     """Rows whose just-closed window holds an EOS: every later mask becomes EOS and the row is done."""
     done = ((tok == eos_id) & window).any(1)

@@ -37,6 +37,13 @@ class Draw(NamedTuple):
     drawn_prob: torch.Tensor
 
 
+def drawing_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The logits tokens are drawn from: tempered and nucleus-filtered, or `logits` itself (the same object) when
+    neither changes anything; temperature 0 (argmax) draws from the untempered logits."""
+    scaled = logits if temperature in (0.0, 1.0) else logits / temperature
+    return nucleus_filter(scaled, top_p) if temperature > 0 else logits
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
                   generator: torch.Generator | None = None, need_drawn_prob: bool = True) -> Draw:
     """Sample a token per position by Gumbel-max in float64; temperature 0 means argmax (no nucleus).
@@ -44,8 +51,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
     need_drawn_prob=False skips the second softmax over the vocabulary (Draw.drawn_prob is then Draw.prob).
     """
     logits = logits.double()
-    scaled = logits if temperature in (0.0, 1.0) else logits / temperature
-    drawn_from = nucleus_filter(scaled, top_p) if temperature > 0 else logits  # `logits` itself when nothing changes
+    drawn_from = drawing_logits(logits, temperature, top_p)
     noise = gumbel_noise(logits.shape, generator, logits.device) if temperature > 0 else 0.0
     tokens = (drawn_from + noise).argmax(-1)
     prob_of = lambda lg: lg.softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # noqa: E731
@@ -69,25 +75,3 @@ def select_top(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tenso
     rank = order.argsort(dim=-1)
     return (rank < counts[:, None]) & eligible
 
-
-_FILL_CHUNK = 8192  # positions per float64 draw, so a large vocabulary never needs a [B, L, V] float64 copy
-
-
-def fill_masks(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, mask_id: int,
-               allowed_tokens: torch.Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """`tokens` [B, L] with every `masked` position replaced by a draw from logits [B, L, V] (Token-Critic's x̂).
-
-    Never the mask and (allowed_tokens, bool [V]) only tokens sampling may produce, e.g. digits in a Sudoku cell.
-    """
-    out = tokens.clone()
-    rows, cols = masked.nonzero(as_tuple=True)
-    for i in range(0, len(rows), _FILL_CHUNK):
-        r, c = rows[i:i + _FILL_CHUNK], cols[i:i + _FILL_CHUNK]
-        sub = logits[r, c].detach().double()
-        sub[..., mask_id] = float("-inf")
-        if allowed_tokens is not None:
-            sub[..., ~allowed_tokens.to(sub.device)] = float("-inf")
-        out[r, c] = sample_tokens(sub, temperature=temperature, top_p=top_p, generator=generator,
-                                  need_drawn_prob=False).tokens
-    return out

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from prism_ds.config import QualityHeadConfig
-from prism_ds.core.sampling_utils import fill_masks
+from prism_ds.core.sampler import fill_masks
 from prism_ds.models.prism_model import PrismModel, PrismOutput, build_model
 
 CRITIC_HEAD = "linear"  # the authors' critic head: DDitFinalLayer(hidden -> 1) on the last block, zero-initialised

@@ -28,7 +28,7 @@ from prism_ds.config import SamplerConfig
 from prism_ds.core.metrics import mean_ci95
 from prism_ds.core.remask import parse_row
 from prism_ds.core.sampler import SamplingExtras, sample
-from prism_ds.core.sampling_utils import nucleus_filter, select_top
+from prism_ds.core.sampling_utils import drawing_logits, select_top
 from prism_ds.core.schedules import even_family_schedule
 from prism_ds.sudoku.board import MASK_ID, BoardSpec
 from prism_ds.sudoku.generator import _Solver
@@ -68,10 +68,7 @@ def drawn_prob(logits: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor
     nucleus-renormalised), as sampler._draw / sample_tokens store it for remdm-conf."""
     lg = logits.double().masked_fill(~allowed.to(logits.device), float("-inf"))
     lg[..., MASK_ID] = float("-inf")
-    # Mirror sample_tokens exactly: at temperature 0 the stored probability is the untempered one.
-    scaled = lg if temperature in (0.0, 1.0) else lg / temperature
-    drawn_from = nucleus_filter(scaled, top_p) if temperature > 0 else lg
-    return drawn_from.softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    return drawing_logits(lg, temperature, top_p).softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def leave_one_out(model, tokens: torch.Tensor, cand: torch.Tensor, allowed: torch.Tensor,
