@@ -20,7 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not __import__("torch").cuda.is_available():  # on a GPU host DeepSpeed's CUDA accelerator runs the engine
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -92,8 +93,9 @@ def _engine(cfg, stage: str, vocab_size: int, with_head: bool, state: dict | Non
 
 
 def _step(engine, batch, mode: str, cfg, mask_id: int, gen: torch.Generator) -> None:
-    losses = compute_losses(engine, batch.x, batch.fixed, mask_id, mode, cfg.masking, cfg.prism,
-                            lengths=batch.answer_len.float(), generator=gen)
+    # The pipeline's batches are CPU tensors; the engine may be on a GPU (as in training: Batch.to(device)).
+    x, fixed, lengths = (t.to(engine.device) for t in (batch.x, batch.fixed, batch.answer_len.float()))
+    losses = compute_losses(engine, x, fixed, mask_id, mode, cfg.masking, cfg.prism, lengths=lengths, generator=gen)
     engine.backward(losses.total)
     engine.step()
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     pre = _engine(cfg, "pretrain", vocab_size, with_head=False, state=None)
     prism = _engine(cfg, "finetune", vocab_size, with_head=True, state=pre.module.backbone.state_dict())
     times = {"pretrain": 0.0, "prism": 0.0}
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=dist_utils.device()).manual_seed(0)  # masks are drawn where the engine runs
     for i in tqdm(range(args.steps + 3), desc="pretrain vs prism steps"):
         batch = batches[i % len(batches)]
         for mode, engine in (("pretrain", pre), ("prism", prism)):

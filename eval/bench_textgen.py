@@ -76,9 +76,12 @@ def bench_training(model, vocab: int, length: int, args, cfg, device) -> dict:
     x = torch.randint(0, vocab - 1, (args.train_batch, length), device=device)
     fixed = torch.zeros_like(x, dtype=torch.bool)
     best = {"pretrain": float("inf"), "prism": float("inf")}
+    peak = {mode: 0.0 for mode in best}  # GiB allocated at most during the mode's steps (CUDA only)
     for rep in tqdm(range(args.repeats + 1), desc="training"):
         for mode in best:
             _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             for _ in range(args.train_steps):
                 losses = compute_losses(model, x, fixed, vocab - 1, mode, cfg.masking, cfg.prism, generator=gen)
@@ -88,8 +91,10 @@ def bench_training(model, vocab: int, length: int, args, cfg, device) -> dict:
             _sync(device)
             if rep:
                 best[mode] = min(best[mode], (time.perf_counter() - t0) / args.train_steps)
+            if device.type == "cuda":
+                peak[mode] = max(peak[mode], torch.cuda.max_memory_allocated() / 2**30)
     model.eval()
-    return {mode: {"seconds_per_step": t, "steps_per_s": 1 / t} for mode, t in best.items()}
+    return {mode: {"seconds_per_step": t, "steps_per_s": 1 / t, "peak_gib": peak[mode]} for mode, t in best.items()}
 
 
 def main() -> None:
@@ -117,9 +122,12 @@ def main() -> None:
     for row, r in sampler.items():
         lines.append(f"| {row} | {r['tokens_per_s']:.1f} | {r['seconds'] / base:.3f}x |")
     pre, prism = training["pretrain"]["seconds_per_step"], training["prism"]["seconds_per_step"]
-    lines += ["", "| training step | steps/s | time vs pretraining |", "|---|---|---|",
-              f"| pretrain (MDM only) | {1 / pre:.2f} | 1.000x |",
-              f"| PRISM (k = {cfg.prism.k}, n_y = {cfg.prism.n_y}) | {1 / prism:.2f} | {prism / pre:.3f}x |"]
+    mem = {m: f"{r['peak_gib']:.1f}" if device.type == "cuda" else "-" for m, r in training.items()}
+    lines += ["", f"| training step (batch {args.train_batch}, plain AdamW) | steps/s | time vs pretraining | "
+              f"peak memory (GiB) |", "|---|---|---|---|",
+              f"| pretrain (MDM only) | {1 / pre:.2f} | 1.000x | {mem['pretrain']} |",
+              f"| PRISM (k = {cfg.prism.k}, n_y = {cfg.prism.n_y}) | {1 / prism:.2f} | {prism / pre:.3f}x | "
+              f"{mem['prism']} |"]
     report = "\n".join(lines)
     print(report)
     out = Path(args.out)

@@ -83,6 +83,12 @@ def model_states(n_gpus: int, offload: bool, trainable: int) -> float:
     return on_gpu if offload else on_gpu + (2 * BASE + 16 * trainable) / n_gpus
 
 
+def estimated_total(n_gpus: int, mb: int, seq: int, n_y: int, r: int, ckpt: bool, offload: bool = False) -> float:
+    """Estimated peak bytes per GPU: model states + activations + the CUDA context and allocator overhead."""
+    trainable = lora_params(r) + HEAD
+    return model_states(n_gpus, offload, trainable) + activations(mb, seq, n_y, r, ckpt) + OVERHEAD
+
+
 def cpu_offload_per_node(trainable: int, nodes: int) -> float:
     """CPU RAM per node for offload: bf16 base 2 B/param + trainable 2+2+12 (+4 fp32 grad at step) B/param."""
     return (2 * BASE + 20 * trainable) / nodes
@@ -120,7 +126,8 @@ def main() -> None:
         for offload in (False, True):
             for ckpt in (False, True):
                 ms, act = model_states(n, offload, trainable), activations(a.micro_batch, a.seq, a.n_y, a.lora_r, ckpt)
-                rows[n, ckpt, offload] = total = ms + act + OVERHEAD
+                rows[n, ckpt, offload] = total = estimated_total(n, a.micro_batch, a.seq, a.n_y, a.lora_r, ckpt,
+                                                                 offload)
                 print(f"| {n} | {'yes' if ckpt else 'no'} | {'params+optimizer' if offload else 'no'} | {gib(ms)} | "
                       f"{gib(act)} | {gib(OVERHEAD)} | **{gib(total)}** | {verdict(total, CARDS['24 GB'])} | "
                       f"{verdict(total, CARDS['80 GB'])} |")

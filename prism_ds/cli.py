@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "126464 rows: for models trained from scratch on CPU")
     p.add_argument("--corpus", help="JSONL whose string fields train the BPE (default: Python's standard library)")
     p.add_argument("--size", default="64,2,4,128", help="d_model,layers,heads,mlp_hidden (default 64,2,4,128)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights on disk (bfloat16 halves a large random model's files, as LLaDA's own)")
 
     p = sub.add_parser("code-eval", help="code benchmarks (MBPP, MBPP+, HumanEval, HumanEval+): generate, score, "
                                            "sweep K_block")
@@ -112,7 +114,8 @@ def _run(args: argparse.Namespace) -> None:
             raise ValueError(f"--size {args.size!r}: expected d_model,layers,heads,mlp_hidden") from None
         model = write_tiny_llada(Path(args.out) / "model", seed=args.seed, d_model=d, n_layers=layers, n_heads=heads,
                                  mlp_hidden_size=mlp, compact=args.compact,
-                                 corpus=jsonl_corpus(args.corpus) if args.corpus else None)
+                                 corpus=jsonl_corpus(args.corpus) if args.corpus else None,
+                                 dtype=args.dtype)
         train, held = write_code_pairs(Path(args.out) / "data")
         print(f"wrote a tiny random LLaDA to {model} and code pairs to {train}, {held}")
         return

@@ -36,7 +36,9 @@ class ModelConfig:
     dropout: float = 0.0
     path: str = ""  # mdlm / llada / hf: the pretrained folder (config.json, weights, tokenizer files); mdlm: or a .ckpt
     use_ema: bool = True  # mdlm .ckpt: load its EMA weights when it has them
-    dtype: str = "auto"  # llada / hf: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16: llada / hf load in it, and every kind trains in it
+    # (engine/distributed.py makes the ds_config agree: bfloat16 trains bf16 on CPU too)
+    dtype: str = "auto"
     attention: str = "sdpa"  # sdpa | flash (flash-attn on GPU in bf16 for unpadded batches, else SDPA)
     gradient_checkpointing: bool = False  # recompute each block in backward (activation checkpointing)
     trust_remote_code: bool = False  # hf: run the folder's own modeling code

@@ -219,7 +219,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapt
         if (path / "adapter").exists():
             from peft import PeftModel
 
-            base = PeftModel.from_pretrained(base, str(path / "adapter"))
+            # Adapters in the base's dtype, as trained (loading.add_lora): peft would upcast them to fp32 over a
+            # bf16 base, and the reloaded model would no longer compute what the engine computed.
+            base = PeftModel.from_pretrained(base, str(path / "adapter"), autocast_adapter_dtype=False)
             base = base.merge_and_unload() if merge_adapter else base
         from prism_ds.models.loading import hidden_size
         from prism_ds.models.quality_heads import build_quality_head

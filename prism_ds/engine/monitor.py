@@ -2,7 +2,8 @@
 
 Scalars: loss/{total,mdm,prism} averaged over the window and over ranks, lr/<group>, grad_norm,
 throughput/{tokens_per_s,samples_per_s}, data/padding_fraction, data/{truncated,truncated_tokens,dropped} (over-long text
-samples so far, all ranks), throughput/mfu (GPU only), and quality/{auroc,frac_correct} of the head on
+samples so far, all ranks), throughput/mfu and memory/peak_gib (GPU only: rank 0's peak allocated memory since the last
+window), and quality/{auroc,frac_correct} of the head on
 the training batches (the critic stage logs loss/critic instead of loss/prism). Held-out calibration adds
 calibration/{ece,auroc,bce} and the calibration/reliability figure (engine/plots.py).
 """
@@ -32,9 +33,9 @@ def train_flops_per_token(n_params: int, n_trainable: int, backbone_trains: bool
 def _peak_flops(override_tflops: float) -> float | None:
     if override_tflops > 0:
         return override_tflops * 1e12
-    if not torch.cuda.is_available():
+    if dist_device().type != "cuda":  # CPU ranks (DS_ACCELERATOR=cpu on a GPU host too): no GPU peak applies
         return None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(dist_device())
     return next((tf * 1e12 for key, tf in _PEAK_TFLOPS.items() if key in name), None)
 
 
@@ -122,6 +123,9 @@ class Monitor:
         if self.peak_flops:  # tokens counts both passes of a PRISM step
             flops = train_flops_per_token(self.n_params, self.n_trainable, self.backbone_trains) * tokens
             scalars["throughput/mfu"] = flops / elapsed / (self.peak_flops * self.n_ranks)
+        if dist_device().type == "cuda":  # what a user sizes micro batches by; reset so each window has its own peak
+            scalars["memory/peak_gib"] = torch.cuda.max_memory_allocated(dist_device()) / 2**30
+            torch.cuda.reset_peak_memory_stats(dist_device())
         if self.quality:
             q, y = torch.cat(self.quality), torch.cat(self.labels)
             scalars |= {f"loss/{self.term}": prism, "quality/auroc": auroc(q, y),

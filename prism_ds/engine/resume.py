@@ -38,8 +38,9 @@ def signature(cfg: RunConfig, stage: str, vocab_size: int, world_size: int) -> d
 
 # Keys that do not change what a stage trains: reusing or resuming across a change to them is fine.
 # cpu_kernels changes rounding, not what is trained (as the thread count): a run may resume under the other mode.
+# model.dtype is not one: it sets the engine's precision (distributed.build_ds_config), e.g. bf16 or fp32 on CPU.
 _BOOKKEEPING = {"run_dir", "cpu_kernels", "sampler", "codeeval", "text_eval", "data.eval_csv", "data.n_eval",
-                "data.blanks", "text.heldout_source", "model.attention", "model.gradient_checkpointing", "model.dtype"}
+                "data.blanks", "text.heldout_source", "model.attention", "model.gradient_checkpointing"}
 _STAGE_BOOKKEEPING = ("log_every", "calib_every", "ckpt_every", "keep_last", "resume", "peak_tflops")
 
 
@@ -130,5 +131,7 @@ def load_training_state(engine, ckpt_dir: Path, tag: str, run_signature: dict, s
     if path is None:
         raise FileNotFoundError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     rank = torch.distributed.get_rank()
-    state = torch.load(tag_dir / f"rank{rank}_state.pt", weights_only=False)
+    # To the CPU: a GPU rank's file holds its EMA shadow on cuda:<local rank>, which would otherwise be rebuilt
+    # there (a second full copy on the GPU) or fail on a host without that GPU; load_state_dict copies it over.
+    state = torch.load(tag_dir / f"rank{rank}_state.pt", map_location="cpu", weights_only=False)
     return int(saved["step"]), state

@@ -287,7 +287,7 @@ def train(cfg: RunConfig, stage: str, progress: bool = True, overwrite: bool = F
     dist_utils.init_distributed()
     rank, n_ranks, device = dist_utils.rank(), dist_utils.world_size(), dist_utils.device()
     out_dir, ckpt_dir = stage_dir(cfg, stage), stage_dir(cfg, stage) / "checkpoints"
-    ds_config = dist_utils.build_ds_config(s, stage, n_ranks)
+    ds_config = dist_utils.build_ds_config(s, stage, n_ranks, cfg.model.dtype)
     if s.ema_decay and ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
         # Checked before the data is built: the refusal should not wait for it.
         raise ConfigError(f"{stage}.ema_decay={s.ema_decay} needs ZeRO stage <= 2, but {stage}.ds_config="

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from prism_ds.models.backbone import BackboneOutput
+from prism_ds.models.flash import flash_attn_func
 from prism_ds.models.zero_init import zeros_
 
 NEG_INF = -1e6  # MDLM's "negative infinity": finite, so log-softmax and bf16 stay free of NaNs
@@ -110,10 +111,11 @@ class DiTBlock(nn.Module):
         zeros_(self.adaLN_modulation.weight, self.adaLN_modulation.bias)  # every block starts as the identity (adaLN-Zero)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            from flash_attn import flash_attn_func  # optional GPU dependency; [B, L, H, D] layout
-
-            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False).transpose(1, 2)
+        # flash-attn is optional: without it (warned once) the pass runs SDPA, as LLaDA does, not an ImportError.
+        flash = flash_attn_func() if self.use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) \
+            else None
+        if flash is not None:  # [B, L, H, D] layout
+            return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v)  # bidirectional, scale 1/sqrt(head_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -24,6 +24,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from prism_ds.models.flash import flash_attn_func
+
 # Official config values this implementation does not cover: loading such a folder is an error.
 _SUPPORTED = {"block_type": ("llama",), "activation_type": ("silu",), "layer_norm_type": ("rms",),
               "alibi": (False,), "rope": (True,), "weight_tying": (False,), "include_bias": (False,),
@@ -118,14 +120,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (h * cos + torch.cat((-h2, h1), dim=-1) * sin).to(x.dtype)
 
 
-def _flash_attn():
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
-
-
 class LLaDABlock(GradientCheckpointingLayer):
     """One pre-norm block: x + attn_out(attention(attn_norm(x))), then x + SwiGLU(ff_norm(x))."""
 
@@ -159,7 +153,9 @@ class LLaDABlock(GradientCheckpointingLayer):
             if past_k is not None:  # the slice is fresh, the rest of the canvas comes from the last full pass
                 k = torch.cat([past_k[:, :, :lo], k, past_k[:, :, hi:]], dim=2)
                 v = torch.cat([past_v[:, :, :lo], v, past_v[:, :, hi:]], dim=2)
-        flash = _flash_attn() if use_flash and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+        # flash_attn_func(): imported once per process; None (warned once) without flash-attn, then SDPA.
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        flash = flash_attn_func() if use_flash and mask is None and q.is_cuda and half else None
         if flash is not None:  # [B, L, H, hd] layout; handles grouped K/V heads itself
             out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
             return out.reshape(B, L, -1)

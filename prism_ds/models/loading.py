@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from prism_ds.config import ConfigError, LoraConfig, ModelConfig
+from prism_ds.devices import uses_cuda
 
 _INDEX = "model.safetensors.index.json"
 
@@ -77,7 +78,7 @@ def check_checkpoint_files(path: str | Path, expected: dict[str, tuple[int, ...]
 
 def _dtype(name: str) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if uses_cuda() else torch.float32  # as training: CPU ranks (DS_ACCELERATOR=cpu) fp32
     if name not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={name!r}: expected auto, float32, bfloat16 or float16")
     return getattr(torch, name)
@@ -126,7 +127,10 @@ def add_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
                           f"(its linear layers include {sorted(n for n in leaves if 'proj' in n or 'out' in n)[:8]})")
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=list(lora.target_modules), bias="none")
-    return get_peft_model(model, config)
+    # Adapters in the base's dtype: peft's default upcasts them to fp32 over a bf16 base, and DeepSpeed's ZeRO-3
+    # (which casts no parameter of a zero.Init model) then fails to flatten a mixed bf16/fp32 group; the
+    # engine keeps fp32 master weights of them itself.
+    return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 def mask_token_id(path: str | Path, tokenizer=None) -> int:
@@ -171,7 +175,7 @@ def build_pretrained_model(cfg, with_head: bool, train_backbone: bool, ds_config
 
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
     dtype = _dtype(cfg.model.dtype)
-    if ds_config is not None:  # the engine's precision decides: bf16 on GPU, fp32 on CPU ranks
+    if ds_config is not None:  # the engine's precision decides (build_ds_config made it agree with model.dtype)
         dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig

@@ -116,10 +116,11 @@ def write_code_pairs(out_dir: str | Path, max_lines: int = 40, max_prompt_chars:
 
 
 def write_tiny_llada(out_dir: str | Path, seed: int = 0, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
-                     mlp_hidden_size: int = 128, max_shard_size: str = "20MB", compact: bool = False,
-                     corpus: list[str] | None = None) -> Path:
+                     mlp_hidden_size: int = 128, max_shard_size: str | None = None, compact: bool = False,
+                     corpus: list[str] | None = None, dtype: str = "float32") -> Path:
     """Write a random tiny LLaDA folder (config, sharded safetensors + index, tokenizer); returns its path.
 
+    dtype: the weights' dtype on disk, float32 or bfloat16 (LLaDA-8B-Instruct's own files are bfloat16).
     compact: the vocabulary is the BPE's own plus the specials (a few thousand rows instead of 126464), for
     models trained from scratch on CPU; ids then differ from LLaDA's, names and chat template do not.
     """
@@ -131,7 +132,9 @@ def write_tiny_llada(out_dir: str | Path, seed: int = 0, d_model: int = 64, n_la
     ids = {} if not compact else {"vocab_rows": -(-len(tok) // 64) * 64, "mask_id": tok.convert_tokens_to_ids(MASK),
                                   "eos_id": tok.eos_token_id}
     torch.manual_seed(seed)
-    model = LLaDAModelLM(tiny_config(d_model, n_layers, n_heads, mlp_hidden_size, **ids))
+    model = LLaDAModelLM(tiny_config(d_model, n_layers, n_heads, mlp_hidden_size, **ids)).to(getattr(torch, dtype))
+    if max_shard_size is None:  # small shards exercise the sharded layout; a ~1B model (the GPU kit) needs few files
+        max_shard_size = "20MB" if sum(p.numel() for p in model.parameters()) < 100_000_000 else "2GB"
     model.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
     return out
 
