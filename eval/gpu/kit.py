@@ -14,7 +14,7 @@ loses nothing already measured; the whole output of every command goes to OUTDIR
   4. Sudoku 9x9 paper DiT: `prism-ds train` pretraining and PRISM fine-tuning steps/s at batch 256 (sudoku_9x9_gpu),
      and the recipe's projected time
   5. OWT DiT (768 x 12, L = 1024) with the attention+linear head: eval/bench_textgen.py --size owt
---mode quick runs 0-2 (under 3 minutes on an H100); --mode cpu-smoke runs every step at tiny sizes on CPU (CI).
+The caps sum to 7 minutes (--mode quick: 0-2, 4 minutes); --mode cpu-smoke runs every step at tiny sizes on CPU (CI).
 """
 from __future__ import annotations
 
@@ -102,13 +102,13 @@ def sudoku_report(run_dir: Path, recipe: str, micro_batch: int) -> Callable[[lis
     return report
 
 
-def steps(mode: str, work: Path, data: Path) -> list[Step]:
+def steps(mode: str, work: Path, mbpp_file: Path) -> list[Step]:
     """The kit's steps at the sizes of `mode`."""
     gpu = mode != "cpu-smoke"
     llada = work / "llada"
     run = work / "run"
     export = run / "finetune" / "final"
-    mbpp = [f"codeeval.mbpp_path={data / 'mbpp.jsonl'}", "codeeval.tasks=11-18"]
+    mbpp = [f"codeeval.mbpp_path={mbpp_file}", "codeeval.tasks=11-18"]
     if gpu:  # the flagship's shapes and the recipe's own sampler (canvas 1024, 256 steps, K_block 4)
         bench_llada = ["--size", "8b", "--seq", "1024", "--micro-batch", *(["1"] if mode == "quick" else ["1", "2"]),
                        "--checkpointing", "both", "--steps", "3", "--warmup", "1"]
@@ -145,8 +145,8 @@ def steps(mode: str, work: Path, data: Path) -> list[Step]:
     sudoku_common = ["--recipe", "sudoku_9x9_gpu", f"run_dir={sudoku_run}", "pretrain.ckpt_every=100000",
                      "finetune.ckpt_every=100000", "pretrain.warmup_steps=10", "finetune.warmup_steps=10", *sudoku]
     all_steps = [
-        Step("0. Environment", 60, [[PY, str(EVAL / "gpu" / "env_report.py")]], lambda out: out[0].strip()),
-        Step("1. LLaDA-8B PRISM training step (eval/bench_llada.py)", 110,
+        Step("0. Environment", 20, [[PY, str(EVAL / "gpu" / "env_report.py")]], lambda out: out[0].strip()),
+        Step("1. LLaDA-8B PRISM training step (eval/bench_llada.py)", 100,
              [[PY, str(EVAL / "bench_llada.py"), *bench_llada]], lambda out: _markdown_lines(out[0])),
         Step("2. The user path on a ~1B random LLaDA (train, export, load_model, code-eval)", 120, [
             _cli("make-tiny-llada", "--out", str(llada), *tiny),
@@ -162,13 +162,13 @@ def steps(mode: str, work: Path, data: Path) -> list[Step]:
     if mode == "quick":
         return all_steps
     return all_steps + [
-        Step("3. Blockwise sampler at 8B shape (eval/bench_sampler.py)", 80,
+        Step("3. Blockwise sampler at 8B shape (eval/bench_sampler.py)", 70,
              [[PY, str(EVAL / "bench_sampler.py"), *bench_sampler]], lambda out: _markdown_lines(out[0])),
         Step("4. Sudoku 9x9 paper DiT (prism-ds train, sudoku_9x9_gpu)", 60, [
             _cli("train", "--stage", "pretrain", "--no-progress", *sudoku_common),
             _cli("train", "--stage", "finetune", "--no-progress", *sudoku_common),
         ], sudoku_report(sudoku_run, "sudoku_9x9_gpu", sudoku_mb)),
-        Step("5. OWT DiT with the attention+linear head (eval/bench_textgen.py)", 45,
+        Step("5. OWT DiT with the attention+linear head (eval/bench_textgen.py)", 50,
              [[PY, str(EVAL / "bench_textgen.py"), *textgen, "--out", str(work / "bench_textgen")]],
              lambda out: _markdown_lines(out[0])),
     ]
@@ -217,7 +217,8 @@ def main() -> int:
     p.add_argument("--mode", choices=["full", "quick", "cpu-smoke"], default="full")
     p.add_argument("--work", type=Path, help="scratch folder for models and runs, kept (default: a fresh temporary "
                    "folder, removed at the end: every run trains from scratch)")
-    p.add_argument("--data", type=Path, default=REPO / ".gpu" / "data", help="folder holding mbpp.jsonl")
+    p.add_argument("--mbpp", type=Path, help="mbpp.jsonl (default: the one prepare.sh carried in .gpu/data, else "
+                   "../shared/data/mbpp/mbpp.jsonl beside the checkout)")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="prism-gpu-kit-"))
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +232,9 @@ def main() -> int:
     stretch = 4.0 if args.mode == "cpu-smoke" else 1.0
     failed, t0 = 0, time.perf_counter()
     with open(log_path, "w") as log:
-        for step in steps(args.mode, work, args.data):
+        carried = REPO / ".gpu" / "data" / "mbpp.jsonl"
+        mbpp = args.mbpp or (carried if carried.exists() else REPO.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl")
+        for step in steps(args.mode, work, mbpp):
             step.cap_s *= stretch
             print(f"[gpu kit] {step.title} (cap {step.cap_s:.0f} s)", flush=True)
             status, outputs = run_step(step, log, env)
