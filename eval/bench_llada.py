@@ -146,7 +146,8 @@ def _row(engine, cfg, args, mb: int, ckpt: bool, n_trainable: int, gen, prism, d
     mfu = f"{flops / elapsed / (args.peak_tflops * 1e12 * dist_utils.world_size()):.1%}" if on_gpu else \
         f"({flops / elapsed / 1e9:.2f} GFLOP/s)"
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if on_gpu else "-"
-    return f"{label} {elapsed / args.steps:.3f} | {tokens / elapsed:,.0f} | {mfu} | {peak} | {_estimate(args, mb, ckpt)} |"
+    estimate = _estimate(args, mb, ckpt)
+    return f"{label} {elapsed / args.steps:.3f} | {tokens / elapsed:,.0f} | {mfu} | {peak} | {estimate} |"
 
 
 def _estimate(args, mb: int, ckpt: bool) -> str:

@@ -78,8 +78,9 @@ def sudoku_report(run_dir: Path, recipe: str, micro_batch: int) -> Callable[[lis
 
         cfg, ran = load_config(recipe), load_config(str(run_dir / "pretrain" / "config.yaml"))
         m = ran.model
-        lines = [f"DiT hidden {m.hidden}, {m.n_blocks} blocks, {m.n_heads} heads, {ran.data.box_rows * ran.data.box_cols}"
-                 f"x{ran.data.box_rows * ran.data.box_cols} boards; `{recipe}` recipe steps\n",
+        side = ran.data.box_rows * ran.data.box_cols
+        lines = [f"DiT hidden {m.hidden}, {m.n_blocks} blocks, {m.n_heads} heads, {side}x{side} boards; `{recipe}` "
+                 "recipe steps\n",
                  "| stage | steps/s (batch %d) | peak memory (GiB) | recipe steps | projected hours |" % micro_batch,
                  "|---|---|---|---|---|"]
         total_h = 0.0
@@ -140,7 +141,7 @@ def steps(mode: str, work: Path, mbpp_file: Path) -> list[Step]:
             "text.solution_field=output", "text.prompt_format=auto", "text.shuffle_buffer=0", "finetune.grad_accum=1",
             "finetune.log_every=1", "finetune.calib_every=2", "finetune.ckpt_every=1000", *train]
     generate = ["code-eval", "generate", "--benchmark", "mbpp", "--model", str(export), "--recipe", "llada_8b",
-                "text.prompt_format=auto", *mbpp, *sampler]  # the prompts as trained (the code pairs have no entry point)
+                "text.prompt_format=auto", *mbpp, *sampler]  # prompts as trained (the code pairs have no entry point)
     sudoku_run = work / "sudoku"
     sudoku_common = ["--recipe", "sudoku_9x9_gpu", f"run_dir={sudoku_run}", "pretrain.ckpt_every=100000",
                      "finetune.ckpt_every=100000", "pretrain.warmup_steps=10", "finetune.warmup_steps=10", *sudoku]

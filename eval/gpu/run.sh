@@ -31,6 +31,7 @@ else
   fi
   # The carried wheels first; prism-ds itself runs from this checkout (python -m prism_ds.cli).
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" -c "import deepspeed, datasets, evalplus" || { echo "[gpu kit] the carried packages do not import" >&2; exit 3; }
+  "$PY" -c "import deepspeed, datasets, evalplus" \
+    || { echo "[gpu kit] the carried packages do not import" >&2; exit 3; }
 fi
 exec "$PY" eval/gpu/kit.py "$OUTDIR" --mode "$MODE"

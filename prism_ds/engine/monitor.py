@@ -1,9 +1,9 @@
 """TensorBoard monitoring of a training stage (rank 0 writes; every rank contributes its losses).
 
 Scalars: loss/{total,mdm,prism} averaged over the window and over ranks, lr/<group>, grad_norm,
-throughput/{tokens_per_s,samples_per_s}, data/padding_fraction, data/{truncated,truncated_tokens,dropped} (over-long text
-samples so far, all ranks), throughput/mfu and memory/peak_gib (GPU only: rank 0's peak allocated memory since the last
-window), and quality/{auroc,frac_correct} of the head on
+throughput/{tokens_per_s,samples_per_s}, data/padding_fraction, data/{truncated,truncated_tokens,dropped}
+(over-long text samples so far, all ranks), throughput/mfu and memory/peak_gib (GPU only: rank 0's peak allocated
+memory since the last window), and quality/{auroc,frac_correct} of the head on
 the training batches (the critic stage logs loss/critic instead of loss/prism). Held-out calibration adds
 calibration/{ece,auroc,bce} and the calibration/reliability figure (engine/plots.py).
 """
