@@ -1,7 +1,9 @@
 """The GPU acceptance kit (eval/gpu/): the wheel check, prepare.sh, and every step of run.sh at tiny size on CPU."""
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import sys
 import zipfile
@@ -76,9 +78,15 @@ def test_prepare_builds_a_checked_wheel_set(tmp_path):
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_step(tmp_path):
     """run.sh --cpu-smoke: each step ends ok and reports its figures (what a GPU session will read)."""
-    out = subprocess.run(["bash", "eval/gpu/run.sh", str(tmp_path / "out"), "--cpu-smoke"], cwd=REPO,
-                         capture_output=True, text=True, timeout=1800,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    # A process group's port in the environment (as an earlier in-process test leaves it) must not leak into the
+    # kit's steps: it is set here on purpose, and bound, so a kit that passed it on would fail to rendezvous.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(held.getsockname()[1]), "RANK": "0", "WORLD_SIZE": "1"}
+        out = subprocess.run(["bash", "eval/gpu/run.sh", str(tmp_path / "out"), "--cpu-smoke"], cwd=REPO,
+                             capture_output=True, text=True, timeout=1800, env=env)
     report = (tmp_path / "out" / "gpu_kit.md").read_text()
     log = (tmp_path / "out" / "gpu_kit.log").read_text()
     assert out.returncode == 0, report + log[-4000:]

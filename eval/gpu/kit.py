@@ -33,6 +33,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[2]
 EVAL = REPO / "eval"
 PY = sys.executable
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 @dataclass
@@ -225,7 +226,9 @@ def main() -> int:
     args.outdir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     report, log_path = args.outdir / "gpu_kit.md", args.outdir / "gpu_kit.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Each command is a job of its own: a process group's address inherited from the caller (a test process that
+    # already initialised torch.distributed holds its MASTER_PORT) would make every step's rendezvous collide.
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS} | {"PYTHONUNBUFFERED": "1"}
     if args.mode == "cpu-smoke":
         env["DS_ACCELERATOR"] = "cpu"
     report.write_text(f"# prism-ds GPU kit ({args.mode}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
