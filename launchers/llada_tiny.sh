@@ -8,16 +8,6 @@ cd "$(dirname "$0")/.."
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 [ -f runs/llada-tiny/model/config.json ] || .venv/bin/prism-ds make-tiny-llada --out runs/llada-tiny
 NPROC="${NPROC:-2}" launchers/single_node.sh --stage finetune --recipe llada_tiny "$@"
-.venv/bin/python - <<'PY'
-import torch
-import prism_ds
-
-model, cfg = prism_ds.load_model("runs/llada-tiny/finetune/final")
-merged, _ = prism_ds.load_model("runs/llada-tiny/finetune/final", merge_adapter=True)
-tokens = torch.randint(0, 126080, (2, 32))
-with torch.no_grad():
-    out, fast = model(tokens), merged(tokens)
-print(f"reloaded {cfg.model.path} + LoRA adapter + {cfg.quality_head.kind} head: logits {tuple(out.logits.shape)}, "
-      f"quality {tuple(out.quality.shape)}; merged adapter max |d logit| = "
-      f"{(out.logits - fast.logits).abs().max():.2e}")
-PY
+# Reload the export (base + adapter + head, and the adapter merged) and run a batch: eval/gpu/check_export.py, the
+# same check the GPU kit runs.
+.venv/bin/python eval/gpu/check_export.py runs/llada-tiny/finetune/final
