@@ -151,7 +151,7 @@ def _row(engine, cfg, args, mb: int, ckpt: bool, n_trainable: int, gen, prism, d
 
 
 def _estimate(args, mb: int, ckpt: bool) -> str:
-    """The README's memory estimate for this row (8B shape only: the estimate knows LLaDA-8B's sizes)."""
+    """docs/llada.md's memory estimate for this row (8B shape only: the estimate knows LLaDA-8B's sizes)."""
     if args.size != "8b":
         return "-"
     from llada_memory import estimated_total  # eval/ is this script's folder, so it is on sys.path

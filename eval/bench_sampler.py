@@ -26,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import SamplerSettings, SamplingRecord, sample
 from prism_ds.core.schedules import BlockwiseSchedule
 from prism_ds.models.backbone import HFBackbone
 from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM
@@ -134,9 +134,10 @@ def _bench(model, tokens, fixed, schedule, modes, steps, args, sync) -> None:
     """One table at N = `steps`: the authors' loop, then every prism-ds mode with `none` and `prism`."""
     generated = args.batch * (args.canvas - args.prompt)
 
-    def ours(policy: str, cache: str = "none", threshold: float | None = None, calls: list | None = None):
-        return lambda: sample(model, tokens, fixed, MASK, steps, schedule, policy=policy, unmask_order="confidence",
-                              temperature=0.0, extras=SamplingExtras(cache=cache, threshold=threshold, calls=calls))
+    def ours(policy: str, cache: str = "none", threshold: float | None = None, record: SamplingRecord | None = None):
+        settings = SamplerSettings(MASK, steps, schedule, policy=policy, unmask_order="confidence", temperature=0.0,
+                                   cache=cache, threshold=threshold)
+        return lambda: sample(model, tokens, fixed, settings, record=record)
 
     prompt_len = torch.full((args.batch,), args.prompt, device=tokens.device)
     authors = "the authors' loop (whole canvas every step), prism"  # one run: long enough that drift averages out
@@ -149,10 +150,10 @@ def _bench(model, tokens, fixed, schedule, modes, steps, args, sync) -> None:
     for mode in tqdm(modes, desc=f"samplers (N = {steps})", leave=False):
         names = {policy: f"prism-ds {mode}, {policy}" for policy in ("none", "prism")}
         for policy, name in names.items():
-            calls: list = []
-            outputs[name] = ours(policy, **modes[mode], calls=calls)()  # warm-up; counts the positions computed
-            computed[name] = sum(rows * (hi - lo) for rows, (lo, hi) in calls) / generated
-            passes[name] = len(calls)
+            record = SamplingRecord()
+            outputs[name] = ours(policy, **modes[mode], record=record)()  # warm-up; counts the positions computed
+            computed[name] = sum(rows * (hi - lo) for rows, (lo, hi) in record.passes) / generated
+            passes[name] = len(record.passes)
         # none and prism alternate, best of the repeats: drift on a shared machine hits both alike
         best = {name: float("inf") for name in names.values()}
         for _ in range(args.repeats):

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from prism_ds.config import load_config
-from prism_ds.engine.checkpoint import load_model
 from prism_ds.engine.cpu_kernels import use_cpu_kernels
+from prism_ds.models.loading import load_model
 from prism_ds.sudoku import mechanism
 from prism_ds.sudoku.data import board_spec, eval_puzzles
 

@@ -8,9 +8,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
+from prism_ds.codeeval.generate import generate
+from prism_ds.codeeval.score import score, table
+from prism_ds.codeeval.sweep import sweep
 from prism_ds.config import ConfigError, load_config
+from prism_ds.demo import run_demo
+from prism_ds.engine import distributed as dist_utils
 from prism_ds.engine.cpu_kernels import use_cpu_kernels
+from prism_ds.engine.trainer import train
+from prism_ds.models.critic import critic_for
+from prism_ds.models.loading import load_model
+from prism_ds.models.tiny_llada import jsonl_corpus, write_code_pairs, write_tiny_llada
+from prism_ds.sudoku.board import BoardSpec, is_solved, read_csv, write_csv
+from prism_ds.sudoku.data import board_spec
+from prism_ds.sudoku.evaluate import evaluate_checkpoint, solve
+from prism_ds.sudoku.generator import make_puzzles, random_solutions
+from prism_ds.textgen.demo import run_text_demo
+from prism_ds.textgen.generate import text_table
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_recipe: str | None = "sudoku_cpu") -> None:
@@ -92,9 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     progress = not getattr(args, "no_progress", False)
     if args.command == "gen-sudoku":
-        from prism_ds.sudoku.board import BoardSpec, write_csv
-        from prism_ds.sudoku.generator import make_puzzles, random_solutions
-
         spec = BoardSpec(args.box_rows, args.box_cols)
         boards = (make_puzzles(spec, args.count, args.blanks, args.seed) if args.blanks
                   else random_solutions(spec, args.count, args.seed))
@@ -102,12 +115,6 @@ def _run(args: argparse.Namespace) -> None:
         print(f"wrote {len(boards)} boards to {args.out}")
         return
     if args.command == "make-tiny-llada":
-        from pathlib import Path
-
-        from prism_ds.models.tiny_llada import write_code_pairs, write_tiny_llada
-
-        from prism_ds.models.tiny_llada import jsonl_corpus
-
         try:
             d, layers, heads, mlp = (int(v) for v in args.size.split(","))
         except ValueError:
@@ -116,8 +123,8 @@ def _run(args: argparse.Namespace) -> None:
                                  mlp_hidden_size=mlp, compact=args.compact,
                                  corpus=jsonl_corpus(args.corpus) if args.corpus else None,
                                  dtype=args.dtype)
-        train, held = write_code_pairs(Path(args.out) / "data")
-        print(f"wrote a tiny random LLaDA to {model} and code pairs to {train}, {held}")
+        pairs, held = write_code_pairs(Path(args.out) / "data")
+        print(f"wrote a tiny random LLaDA to {model} and code pairs to {pairs}, {held}")
         return
     if args.command == "sample":
         _sample(args, progress)
@@ -128,54 +135,30 @@ def _run(args: argparse.Namespace) -> None:
     cfg = load_config(args.recipe, args.overrides)
     use_cpu_kernels(cfg.cpu_kernels)  # before the first tensor operation: torch and MKL read it once
     if args.command == "train":
-        from prism_ds.engine.trainer import train
-
         final = train(cfg, args.stage, progress, args.overwrite)
-        from prism_ds.engine.distributed import rank
-
-        if rank() == 0:
+        if dist_utils.rank() == 0:
             print(f"[prism-ds] {args.stage} finished: {final}")
     elif args.command == "eval":
-        from prism_ds.sudoku.evaluate import evaluate_checkpoint
-
         print(evaluate_checkpoint(args.checkpoint, cfg, progress))
     elif args.command == "demo":
         if cfg.task == "packed_text":
-            from prism_ds.textgen.demo import run_text_demo
-
             print(run_text_demo(cfg, progress, args.overwrite))
         else:
-            from prism_ds.demo import run_demo
-
             print(run_demo(cfg, progress, args.overwrite))
     elif args.command == "text-eval":
-        from pathlib import Path
-
-        from prism_ds.textgen.generate import text_table
-
         print(text_table(cfg, args.model or Path(cfg.run_dir) / "finetune" / "final", progress))
 
 
 def _sample(args: argparse.Namespace, progress: bool) -> None:
-    from prism_ds.engine.checkpoint import load_model
-    from prism_ds.sudoku.board import is_solved, read_csv, write_csv
-    from prism_ds.sudoku.data import board_spec
-    from prism_ds.sudoku.evaluate import solve
-
-    from pathlib import Path
-
-    from prism_ds.engine.distributed import device
-
-    from prism_ds.models.critic import critic_for
-
-    model, ckpt_cfg = load_model(args.checkpoint, device())
+    device = dist_utils.device()
+    model, ckpt_cfg = load_model(args.checkpoint, device)
     # Sampler settings: --recipe if given, else the checkpoint's run config; then the overrides.
     cfg = load_config(args.recipe or str(Path(args.checkpoint) / "config.yaml"), args.overrides)
     sampler = cfg.sampler
-    critic, _ = critic_for([args.policy], sampler, cfg.run_dir, device(), args.checkpoint)  # token-critic only
+    critic, _ = critic_for([args.policy], sampler, cfg.run_dir, device, args.checkpoint)  # token-critic only
     spec = board_spec(ckpt_cfg)
     puzzles = read_csv(args.puzzles, spec)
-    filled = solve(model, spec, puzzles.to(device()), args.steps, args.policy, sampler, progress=progress,
+    filled = solve(model, spec, puzzles.to(device), args.steps, args.policy, sampler, progress=progress,
                    critic=critic).cpu()
     write_csv(args.out, filled)
     ok = is_solved(spec, filled, puzzles).float().mean().item()
@@ -183,30 +166,22 @@ def _sample(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _code_eval(args: argparse.Namespace, progress: bool) -> None:
-    from prism_ds.engine import distributed as dist_utils
-
     cfg = load_config(args.recipe, args.overrides)
     need = {"generate": ("model", "out"), "score": ("samples",), "sweep": ("model", "out")}[args.action]
     missing = [f"--{n}" for n in need if not getattr(args, n)]
     if missing:
         raise ValueError(f"code-eval {args.action} needs {' and '.join(missing)}")
     if args.action == "score":
-        from prism_ds.codeeval.score import score, table
-
         reports = [score(args.benchmark, s, cfg, progress) for s in args.samples]
         print(table(reports))
         return
     if "RANK" in os.environ:  # started by deepspeed / torchrun: generation is spread over the ranks
         dist_utils.init_distributed()
     if args.action == "generate":
-        from prism_ds.codeeval.generate import generate
-
         out = generate(args.benchmark, args.model, cfg, args.out, progress)
         if dist_utils.rank() == 0:
             print(f"wrote {out}; score it with: prism-ds code-eval score --benchmark {args.benchmark} --samples {out}")
         return
-    from prism_ds.codeeval.sweep import sweep
-
     try:
         k_blocks = [int(k) for k in args.k_blocks.split(",")]
     except ValueError:

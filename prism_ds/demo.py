@@ -12,10 +12,10 @@ from pathlib import Path
 
 from prism_ds.config import RunConfig
 from prism_ds.engine import distributed as dist_utils
-from prism_ds.engine.checkpoint import load_model
 from prism_ds.engine.cpu_kernels import describe_cpu
 from prism_ds.engine.trainer import train
 from prism_ds.models.critic import CriticScored, critic_for
+from prism_ds.models.loading import load_model
 from prism_ds.sudoku import mechanism
 from prism_ds.sudoku.board import MASK_ID
 from prism_ds.sudoku.data import board_spec, eval_puzzles

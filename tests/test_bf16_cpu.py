@@ -16,7 +16,7 @@ import prism_ds
 import prism_ds.engine.trainer as trainer
 from helpers import read_scalars
 from prism_ds.config import ConfigError, StageConfig, load_config, to_dict
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import SamplerSettings, sample
 from prism_ds.core.schedules import BlockwiseSchedule
 from prism_ds.engine.distributed import build_ds_config, uses_cuda
 from prism_ds.engine.resume import config_diff
@@ -205,10 +205,10 @@ def test_blockwise_sampling_in_bf16_follows_fp32_pass_by_pass(sampling_models, c
     fixed[:, :prompt] = True
     allowed = torch.arange(126464) < 126349  # the tokenizer's ids, as code-eval allows them
     model = _Shadowed(low, ref, allowed)
-    extras = SamplingExtras(attention_mask=attention, eos_id=EOS_ID, cache=cache, threshold=threshold)
-    out = sample(model, tokens, fixed, MASK_ID, 8, BlockwiseSchedule(block, 2, gen_length=gen), policy="prism",
-                 unmask_order="confidence", temperature=0.0, allowed_tokens=allowed,
-                 generator=torch.Generator().manual_seed(0), extras=extras)
+    settings = SamplerSettings(MASK_ID, 8, BlockwiseSchedule(block, 2, gen_length=gen), policy="prism",
+                               unmask_order="confidence", temperature=0.0, allowed_tokens=allowed, eos_id=EOS_ID,
+                               cache=cache, threshold=threshold)
+    out = sample(model, tokens, fixed, settings, attention_mask=attention, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[:, :prompt], tokens[:, :prompt]) and (out != MASK_ID).all() and allowed[out].all()
     passes = model.passes
     assert {p["cached"] for p in passes} == ({False} if cache == "none" else {False, True})  # cached passes too

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import SamplerSettings, SamplingRecord, sample
 from prism_ds.core.schedules import BlockwiseSchedule
 from prism_ds.core.schedules.blockwise import remask_steps
 from prism_ds.models.prism_model import PrismOutput
@@ -40,14 +40,11 @@ def _canvas(batch=32):
 
 def _run(policy="prism", steps=12, k_block=2, batch=32, extras=None, model=None, order="confidence", temperature=0.0):
     tokens, fixed = _canvas(batch)
-    model = model or Recorder()
-    extras = extras or SamplingExtras(history=[])
-    if extras.history is None:
-        extras.history = []
-    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(BLOCK, k_block, gen_length=GEN), policy=policy,
-                 unmask_order=order, temperature=temperature, generator=torch.Generator().manual_seed(0),
-                 extras=extras)
-    return tokens, out, model, extras.history
+    model, record = model or Recorder(), SamplingRecord(keep_steps=True)
+    settings = SamplerSettings(MASK, steps, BlockwiseSchedule(BLOCK, k_block, gen_length=GEN), policy=policy,
+                               unmask_order=order, temperature=temperature, **(extras or {}))
+    out = sample(model, tokens, fixed, settings, generator=torch.Generator().manual_seed(0), record=record)
+    return tokens, out, model, record.steps
 
 
 def test_remask_steps_go_to_the_middle_of_the_block():
@@ -107,7 +104,7 @@ def test_remdm_conf_without_a_head_and_prism_with_stale_free_quality():
 
 
 def test_stop_at_eos_fills_the_rest_with_eos_and_drops_the_row_from_later_passes():
-    extras = SamplingExtras(eos_id=EOS, stop_at_eos=True)
+    extras = dict(eos_id=EOS, stop_at_eos=True)
     _, out, model, _ = _run("none", extras=extras, model=Recorder(eos_bias=2.5))
     sizes = [len(c) for c in model.calls]
     assert sizes[0] == 32 and sum(sizes) < 32 * 12  # stopped rows left the batch (all of them, here, after block 0)
@@ -117,7 +114,7 @@ def test_stop_at_eos_fills_the_rest_with_eos_and_drops_the_row_from_later_passes
         if len(first):
             block_end = (first[0].item() // BLOCK + 1) * BLOCK
             assert (gen[block_end:] == EOS).all()
-    baseline = _run("none", extras=SamplingExtras(), model=Recorder(eos_bias=2.5))[2]
+    baseline = _run("none", extras={}, model=Recorder(eos_bias=2.5))[2]
     assert len(baseline.calls) == 12 and all(len(c) == 32 for c in baseline.calls)
 
 
@@ -126,9 +123,8 @@ def test_padding_mask_reaches_the_model_and_cfg_adds_an_unconditional_pass():
     am = torch.ones_like(tokens)
     am[:2, :2] = 0  # two left-padded rows
     model = Recorder()
-    extras = SamplingExtras(attention_mask=am, cfg_scale=1.5, cfg_mask=fixed)
-    sample(model, tokens, fixed, MASK, 6, BlockwiseSchedule(BLOCK, gen_length=GEN), extras=extras,
-           generator=torch.Generator().manual_seed(0))
+    settings = SamplerSettings(MASK, 6, BlockwiseSchedule(BLOCK, gen_length=GEN), cfg_scale=1.5)
+    sample(model, tokens, fixed, settings, attention_mask=am, cfg_mask=fixed, generator=torch.Generator().manual_seed(0))
     assert all(len(c) == 8 for c in model.calls)  # conditional + unconditional rows in one pass
     assert (model.calls[0][4:, :PROMPT] == MASK).all()  # the prompt is masked for the unconditional half
     assert torch.equal(model.masks[0], torch.cat([am, am]))

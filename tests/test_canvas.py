@@ -12,7 +12,7 @@ block before that remasking).
 import pytest
 import torch
 
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import SamplerSettings, SamplingRecord, sample
 from prism_ds.core.schedules import BlockwiseSchedule
 from prism_ds.models.prism_model import PrismOutput
 
@@ -72,10 +72,11 @@ def ours(prompts: list[int], canvas: int, block: int, steps: int, k_block: int, 
     for i, p in enumerate(prompts):
         tokens[i, :p] = torch.randint(1, V, (p,), generator=torch.Generator().manual_seed(i))
         fixed[i, :p] = True
-    extras, model = SamplingExtras(history=[]), Scripted()
-    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(block, k_block, canvas=canvas), policy=policy,
-                 unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0), extras=extras)
-    return tokens, extras.history, out, model
+    record, model = SamplingRecord(keep_steps=True), Scripted()
+    settings = SamplerSettings(MASK, steps, BlockwiseSchedule(block, k_block, canvas=canvas), policy=policy,
+                               unmask_order="confidence", temperature=0.0)
+    out = sample(model, tokens, fixed, settings, generator=torch.Generator().manual_seed(0), record=record)
+    return tokens, record.steps, out, model
 
 
 SETTINGS = [  # (prompt lengths, canvas, block, N, K_block): every row's last block holds >= its steps masks
@@ -146,9 +147,9 @@ def test_stop_at_eos_on_the_canvas_stops_each_row_after_its_own_block():
     for i, p in enumerate(prompts):
         tokens[i, :p], fixed[i, :p] = 1, True
     model = EosBiased()
-    out = sample(model, tokens, fixed, MASK, 32, BlockwiseSchedule(block, 2, canvas=canvas), policy="prism",
-                 unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0),
-                 extras=SamplingExtras(eos_id=eos, stop_at_eos=True))
+    settings = SamplerSettings(MASK, 32, BlockwiseSchedule(block, 2, canvas=canvas), policy="prism",
+                               unmask_order="confidence", temperature=0.0, eos_id=eos, stop_at_eos=True)
+    out = sample(model, tokens, fixed, settings, generator=torch.Generator().manual_seed(0))
     assert (out != MASK).all() and (out[:, :8] == 1).all()
     for row, p in zip(out, prompts):
         first = int((row[p:] == eos).nonzero()[0]) + p
@@ -165,13 +166,14 @@ def test_threshold_decoding_on_the_canvas_gives_each_block_one_remask_round():
     fixed = torch.zeros_like(tokens, dtype=torch.bool)
     for i, p in enumerate(prompts):
         tokens[i, :p], fixed[i, :p] = 1, True
-    extras = SamplingExtras(history=[], threshold=0.999, threshold_steps="ignore")
-    out = sample(Scripted(), tokens, fixed, MASK, 8, BlockwiseSchedule(block, k_block, canvas=canvas), policy="prism",
-                 unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0), extras=extras)
+    record = SamplingRecord(keep_steps=True)
+    settings = SamplerSettings(MASK, 8, BlockwiseSchedule(block, k_block, canvas=canvas), policy="prism",
+                               unmask_order="confidence", temperature=0.0, threshold=0.999, threshold_steps="ignore")
+    out = sample(Scripted(), tokens, fixed, settings, generator=torch.Generator().manual_seed(0), record=record)
     assert (out != MASK).all()
     for row, p in enumerate(prompts):
         rounds: dict[int, int] = {}
-        for _, remasked, _ in extras.history:
+        for _, remasked, _ in record.steps:
             hit = remasked[row].nonzero().flatten()
             if len(hit):
                 b = int(hit[0] - p) // block

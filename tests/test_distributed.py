@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import REPO, free_port, read_scalars, subprocess_env, tiny_overrides
-from prism_ds.engine.checkpoint import load_model, read_meta
+from prism_ds.models.loading import load_model
+from prism_ds.models.weights import read_meta
 
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
 ZERO3 = {"pretrain.ds_config": "zero3.json", "finetune.ds_config": "zero3.json", "pretrain.log_every": 1,

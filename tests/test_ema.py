@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 import prism_ds.engine.trainer as trainer
 from helpers import tiny_overrides
 from prism_ds.config import ConfigError, load_config
-from prism_ds.engine.checkpoint import load_model
+from prism_ds.models.loading import load_model
 from prism_ds.engine.distributed import build_ds_config
 from prism_ds.engine.ema import EMA
 

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 from helpers import REPO, read_scalars, subprocess_env, tiny_overrides
 from prism_ds.config import ConfigError, load_config
 from prism_ds.core.objective import compute_losses
-from prism_ds.engine.checkpoint import export_trainable, load_model, read_meta
+from prism_ds.engine.checkpoint import export_trainable
+from prism_ds.models.loading import load_model
 from prism_ds.models.prism_model import build_model
+from prism_ds.models.weights import read_meta
 from prism_ds.sudoku.board import MASK_ID
 from prism_ds.sudoku.data import board_spec, train_boards
 

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import SamplerSettings, SamplingRecord, sample
 from prism_ds.core.schedules import BlockwiseSchedule
 from prism_ds.models.backbone import HFBackbone
 from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM
@@ -36,11 +36,15 @@ def _canvas(batch=6):
     return tokens, fixed
 
 
+def _settings(steps=8, k_block=2, **kw):
+    return SamplerSettings(MASK, steps, BlockwiseSchedule(BLOCK, k_block, gen_length=GEN), **kw)
+
+
 def _sample(model, policy="prism", steps=8, k_block=2, **extras):
     tokens, fixed = _canvas()
-    ex = SamplingExtras(history=[], calls=[], **extras)
-    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(BLOCK, k_block, gen_length=GEN), policy=policy,
-                 unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0), extras=ex)
+    ex = SamplingRecord(keep_steps=True)
+    settings = _settings(steps, k_block, policy=policy, unmask_order="confidence", temperature=0.0, **extras)
+    out = sample(model, tokens, fixed, settings, generator=torch.Generator().manual_seed(0), record=ex)
     return tokens, out, ex
 
 
@@ -48,8 +52,8 @@ def test_cache_off_is_the_blockwise_sampler_bit_for_bit():
     model = _model()
     _, plain, _ = _sample(model)
     tokens, fixed = _canvas()
-    default = sample(model, tokens, fixed, MASK, 8, BlockwiseSchedule(BLOCK, 2, gen_length=GEN), policy="prism",
-                     unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0))
+    default = sample(model, tokens, fixed, _settings(policy="prism", unmask_order="confidence", temperature=0.0),
+                     generator=torch.Generator().manual_seed(0))
     assert torch.equal(plain, default)
 
 
@@ -59,8 +63,8 @@ def test_cached_passes_compute_what_the_plan_says(mode):
     start, out, ex = _sample(model, cache=mode)
     length = PROMPT + GEN
     per_block = 4  # 8 steps over 2 blocks
-    assert len(ex.calls) == 8  # one pass per step
-    for step, (rows, computed) in enumerate(ex.calls):
+    assert len(ex.passes) == 8  # one pass per step
+    for step, (rows, computed) in enumerate(ex.passes):
         lo = PROMPT + (step // per_block) * BLOCK
         if step % per_block == 0:
             assert computed == (0, length)  # a block starts with a full pass that refills the cache
@@ -69,7 +73,7 @@ def test_cached_passes_compute_what_the_plan_says(mode):
         assert rows == 6
     # The prompt and finished blocks never change; exactly K_block remasks per block.
     before, per_block_remasks = start, torch.zeros(6, 2, dtype=torch.long)
-    for step, (after, remasked, _) in enumerate(ex.history):
+    for step, (after, remasked, _) in enumerate(ex.steps):
         lo = PROMPT + (step // per_block) * BLOCK
         assert torch.equal(after[:, :lo], before[:, :lo])
         per_block_remasks[:, step // per_block] += remasked.sum(1)
@@ -113,14 +117,14 @@ def test_threshold_decoding_unmasks_every_confident_token_and_keeps_k_block_rema
     model = _model(sharp=100.0)
     start, out, ex = _sample(model, steps=16, k_block=2, threshold=0.6, cache="dual")
     assert (out != MASK).all()
-    assert len(ex.calls) < 16  # blocks filled early skip their idle steps
+    assert len(ex.passes) < 16  # blocks filled early skip their idle steps
     per_block = torch.zeros(6, 2, dtype=torch.long)
-    for _, remasked, _ in ex.history:
+    for _, remasked, _ in ex.steps:
         rows, pos = remasked.nonzero(as_tuple=True)
         per_block.index_put_((rows, (pos - PROMPT) // BLOCK), torch.ones_like(rows), accumulate=True)
     assert (per_block == 2).all()  # K_block remasks in every block, as without a threshold
     # A threshold step unmasked every masked token of its block that was above it (at least one).
-    assert max(u.sum(1).max().item() for _, _, u in ex.history) > 1
+    assert max(u.sum(1).max().item() for _, _, u in ex.steps) > 1
 
 
 def test_threshold_one_still_fills_each_block_and_bad_settings_are_named():
@@ -162,10 +166,10 @@ def _padded(pad):
 @pytest.mark.parametrize("policy", ["none", "prism", "remdm", "remdm-conf"])
 def test_every_policy_runs_cached_with_padded_prompts_and_eos_stop(policy, cache, threshold):
     model, pad = _model(sharp=100.0 if threshold else 0.0), 3
-    run = lambda tokens, fixed, prompt, **ex: sample(  # noqa: E731
-        model, tokens, fixed, MASK, 8, BlockwiseSchedule(BLOCK, 2, gen_length=GEN), policy=policy,
-        unmask_order="confidence", temperature=0.0, generator=torch.Generator().manual_seed(0),
-        extras=SamplingExtras(cache=cache, threshold=threshold, **ex))
+    run = lambda tokens, fixed, prompt, attention_mask, **ex: sample(  # noqa: E731
+        model, tokens, fixed, _settings(policy=policy, unmask_order="confidence", temperature=0.0, cache=cache,
+                                        threshold=threshold, **ex),
+        attention_mask=attention_mask, generator=torch.Generator().manual_seed(0))
     tokens, fixed, am = _padded(pad)
     free = run(tokens, fixed, PROMPT, attention_mask=am)
     eos = int(free[:, PROMPT:].flatten().mode().values)  # a token the model does produce, so rows do stop
@@ -228,17 +232,20 @@ def test_threshold_ignoring_the_step_count_is_fast_dllms_rule_token_for_token(st
     model = _model(sharp=30.0)
     tokens, fixed = _canvas()
     reference, passes = _fast_dllm_threshold(model, tokens[:, :PROMPT], GEN, BLOCK, 0.9)
-    ex = SamplingExtras(calls=[], threshold=0.9, threshold_steps="ignore")
-    out = sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(BLOCK, 0, gen_length=GEN), policy="none",
-                 unmask_order="confidence", temperature=0.0, extras=ex)
-    assert torch.equal(out, reference) and len(ex.calls) == passes
+    ex = SamplingRecord()
+    out = sample(model, tokens, fixed, _settings(steps, 0, unmask_order="confidence", temperature=0.0, threshold=0.9,
+                                                 threshold_steps="ignore"), record=ex)
+    assert torch.equal(out, reference)
+    # Each row advances through its own blocks: the batch takes as many passes as its slowest row alone.
+    alone = [_fast_dllm_threshold(model, tokens[r:r + 1, :PROMPT], GEN, BLOCK, 0.9)[1] for r in range(len(tokens))]
+    assert len(ex.passes) == max(alone) <= passes
     # "cap": a block's planned steps are the most it gets, its last one filling what is left.
-    capped = SamplingExtras(calls=[], threshold=0.9, threshold_steps="cap")
-    sample(model, tokens, fixed, MASK, steps, BlockwiseSchedule(BLOCK, 0, gen_length=GEN), policy="none",
-           unmask_order="confidence", temperature=0.0, extras=capped)
-    assert len(capped.calls) <= min(steps, passes)
+    capped = SamplingRecord()
+    sample(model, tokens, fixed, _settings(steps, 0, unmask_order="confidence", temperature=0.0, threshold=0.9,
+                                           threshold_steps="cap"), record=capped)
+    assert len(capped.passes) <= min(steps, passes)
     if steps == 2:  # one planned step per block: each block in a single pass
-        assert len(capped.calls) == 2 < passes
+        assert len(capped.passes) == 2 < passes
 
 
 def test_threshold_steps_is_checked():
@@ -252,7 +259,7 @@ def test_ignoring_the_step_count_still_gives_every_block_its_k_block_remasks(ste
     _, out, ex = _sample(model, steps=steps, k_block=2, threshold=0.5, threshold_steps="ignore")
     assert (out != MASK).all()
     per_block = torch.zeros(6, 2, dtype=torch.long)
-    for _, remasked, _ in ex.history:
+    for _, remasked, _ in ex.steps:
         rows, pos = remasked.nonzero(as_tuple=True)
         per_block.index_put_((rows, (pos - PROMPT) // BLOCK), torch.ones_like(rows), accumulate=True)
     assert (per_block == 2).all()
@@ -269,7 +276,6 @@ def test_capped_threshold_steps_need_a_step_to_refill_the_remask_round():
 def test_threshold_decoding_selects_by_confidence_whatever_the_unmask_order():
     model = _model(sharp=30.0)
     tokens, fixed = _canvas()
-    runs = [sample(model, tokens, fixed, MASK, 4, BlockwiseSchedule(BLOCK, 0, gen_length=GEN), policy="none",
-                   unmask_order=order, temperature=0.0, generator=torch.Generator().manual_seed(0),
-                   extras=SamplingExtras(threshold=0.9)) for order in ("confidence", "random")]
+    runs = [sample(model, tokens, fixed, _settings(4, 0, unmask_order=order, temperature=0.0, threshold=0.9),
+                   generator=torch.Generator().manual_seed(0)) for order in ("confidence", "random")]
     assert torch.equal(runs[0], runs[1])

@@ -194,7 +194,7 @@ def test_lora_targets_q_k_v_and_a_missing_target_is_named(tiny_llada):
 
 def test_any_hf_model_with_logits_and_hidden_states_is_a_backbone(tmp_path):
     """A folder with its own modeling code (auto_map, trust_remote_code) serves through the same interface."""
-    from prism_ds.engine.checkpoint import load_model
+    from prism_ds.models.loading import load_model
 
     (tmp_path / "modeling_toy.py").write_text('''
 import torch

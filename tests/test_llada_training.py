@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 import prism_ds.engine.trainer as trainer
 from helpers import REPO, free_port, read_scalars, subprocess_env
 from prism_ds.config import load_config
-from prism_ds.engine.checkpoint import load_model, read_meta
 from prism_ds.models.llada import LLaDAConfig
+from prism_ds.models.loading import load_model
+from prism_ds.models.weights import read_meta
 
 
 def _overrides(tiny_llada, run_dir, **extra) -> list[str]:

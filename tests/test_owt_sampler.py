@@ -6,7 +6,7 @@ import torch
 
 from prism_ds.config import SamplerConfig
 from prism_ds.core.remask import parse_row, parse_variant
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import SamplerSettings, SamplingRecord, sample
 from prism_ds.core.schedules import EvenSchedule, LoopSchedule, RemdmLoopSchedule, even_family_schedule, sigma_max
 from prism_ds.models.prism_model import PrismOutput
 
@@ -39,10 +39,10 @@ def _run(row: str, steps: int, batch: int = 64, seed: int = 0, model=None, **cfg
     fixed = torch.zeros(batch, L, dtype=torch.bool)
     fixed[:, :N_FIXED], tokens[:, :N_FIXED] = True, torch.tensor([1, 2, 3])
     model = model or RandomModel(seed)
-    extras = SamplingExtras(history=[])
-    out = sample(model, tokens, fixed, MASK, steps, schedule, policy=policy,
-                 generator=torch.Generator().manual_seed(seed), extras=extras)
-    return extras.history, model, fixed, schedule, out, tokens
+    record = SamplingRecord(keep_steps=True)
+    out = sample(model, tokens, fixed, SamplerSettings(MASK, steps, schedule, policy=policy),
+                 generator=torch.Generator().manual_seed(seed), record=record)
+    return record.steps, model, fixed, schedule, out, tokens
 
 
 def _before(history, start):
@@ -205,8 +205,8 @@ def test_factory_even_matches_the_sudoku_schedule():
     outs = []
     for schedule in (built, EvenSchedule(remask_count="binomial", remask_k=2, eta=0.2)):
         tokens = torch.full((32, L), MASK, dtype=torch.long)
-        outs.append(sample(RandomModel(1), tokens, torch.zeros_like(tokens, dtype=torch.bool), MASK, 6, schedule,
-                           policy="remdm", generator=torch.Generator().manual_seed(2)))
+        outs.append(sample(RandomModel(1), tokens, torch.zeros_like(tokens, dtype=torch.bool),
+                           SamplerSettings(MASK, 6, schedule, policy="remdm"), generator=torch.Generator().manual_seed(2)))
     assert torch.equal(*outs)
 
 

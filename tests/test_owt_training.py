@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import REPO, free_port, read_scalars, subprocess_env
-from prism_ds.engine.checkpoint import load_model, read_meta
 from prism_ds.models.dit import DiT
+from prism_ds.models.loading import load_model
+from prism_ds.models.weights import read_meta
 
 WORDS = ("the model masks tokens and learns to fill them while a quality head learns which filled tokens are "
          "right so that sampling can remask the wrong ones and draw them again").split()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from prism_ds.core.sampler import sample
+from prism_ds.core.sampler import SamplerSettings, sample
 from prism_ds.core.schedules import EvenSchedule, sigma_max
 from prism_ds.models.prism_model import PrismOutput
 
@@ -37,7 +37,7 @@ def _run(policy, k=2, steps=5, quality=None, logits=None, per_call=None, order="
     logits = torch.randn(L, V, generator=torch.Generator().manual_seed(9)) if logits is None else logits
     model = model or ScriptedModel(logits, quality, per_call)
     schedule = EvenSchedule(remask_count=count, remask_k=k, eta=eta)
-    out = sample(model, tokens, fixed, MASK, steps, schedule, policy=policy, unmask_order=order,
+    out = sample(model, tokens, fixed, SamplerSettings(MASK, steps, schedule, policy=policy, unmask_order=order),
                  generator=torch.Generator().manual_seed(seed))
     return model.states + [out], fixed
 

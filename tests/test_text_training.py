@@ -10,7 +10,8 @@ import prism_ds.core.objective as objective
 import prism_ds.engine.trainer as trainer
 from helpers import REPO, build_tokenizer, free_port, read_scalars, sample_rows, subprocess_env, tiny_overrides, write_jsonl
 from prism_ds.config import load_config
-from prism_ds.engine.checkpoint import load_model, read_meta
+from prism_ds.models.loading import load_model
+from prism_ds.models.weights import read_meta
 
 MAX_LEN = 22  # the longest fixture rows (25 tokens) are truncated
 

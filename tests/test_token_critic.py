@@ -12,11 +12,12 @@ from prism_ds.config import ConfigError, load_config
 from prism_ds.core.loss import token_critic_loss
 from prism_ds.core.masking import mask_tokens
 from prism_ds.core.objective import critic_losses
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import SamplerSettings, SamplingRecord, sample
 from prism_ds.core.schedules import EvenSchedule
-from prism_ds.engine.checkpoint import load_model, read_meta
 from prism_ds.models.critic import CriticScored, build_critic, load_critic
+from prism_ds.models.loading import load_model
 from prism_ds.models.prism_model import PrismModel, PrismOutput
+from prism_ds.models.weights import read_meta
 from prism_ds.sudoku.board import MASK_ID
 from prism_ds.sudoku.data import board_spec, eval_puzzles, train_boards
 from prism_ds.sudoku.evaluate import evaluate_checkpoint, results_key, solve
@@ -183,10 +184,11 @@ def _policy_run(seed=0, batch=32, steps=5, k=2):
     fixed[:, :3], tokens[:, :3] = True, torch.tensor([1, 2, 3])
     allowed = torch.tensor([False, True, True, True, False])  # token 4 is never drawn (as a Sudoku separator)
     model = CriticScored(FTheta(), _TableCritic(table, log), MASK, allowed, seed=seed)
-    history = []
-    sample(model, tokens, fixed, MASK, steps, EvenSchedule(remask_count="fixed", remask_k=k), policy="token-critic",
-           generator=torch.Generator().manual_seed(seed), extras=SamplingExtras(history=history))
-    return log, history, fixed, table, allowed
+    record = SamplingRecord(keep_steps=True)
+    sample(model, tokens, fixed, SamplerSettings(MASK, steps, EvenSchedule(remask_count="fixed", remask_k=k),
+                                                 policy="token-critic"),
+           generator=torch.Generator().manual_seed(seed), record=record)
+    return log, record.steps, fixed, table, allowed
 
 
 def test_token_critic_remasks_exactly_the_k_lowest_critic_scores_of_x_hat_among_clean_cells():
@@ -254,7 +256,8 @@ def test_missing_critic_is_a_clear_error_naming_the_setting_and_the_command(tiny
     with pytest.raises(ValueError, match=r"token-critic' needs a critic: .*--stage critic.*sampler.critic"):
         solve(f_theta, spec, puzzles, 4, "token-critic", cfg.sampler)
     with pytest.raises(ValueError, match="needs a critic"):  # PRISM's head never stands in for the critic
-        sample(f_theta, puzzles, puzzles != MASK_ID, MASK_ID, 4, EvenSchedule(remask_k=2), policy="token-critic")
+        sample(f_theta, puzzles, puzzles != MASK_ID, SamplerSettings(MASK_ID, 4, EvenSchedule(remask_k=2),
+                                                                     policy="token-critic"))
     missing = load_config("sudoku_cpu", tiny_overrides(cfg.run_dir, **{
         "sampler.policies": "[none,token-critic]", "sampler.critic": str(tmp_path / "nowhere")}))
     with pytest.raises(FileNotFoundError, match=r"sampler.critic: no critic export at .*nowhere.*"

@@ -24,9 +24,13 @@ from prism_ds.codeeval.extract import complete_program, extract_code
 from prism_ds.codeeval.tasks import CodeTask, check_benchmark, load_tasks, select, task_prompt_ids
 from prism_ds.config import RunConfig, to_dict
 from prism_ds.core.remask import parse_variant
-from prism_ds.core.sampler import SamplingExtras, check_fast_sampling, k_block_needs_inner_step, sample
+from prism_ds.core.sampler import SamplerSettings, check_fast_sampling, sample
+from prism_ds.core.schedules.pacing import k_block_needs_inner_step
 from prism_ds.core.schedules import blockwise_schedule
+from prism_ds.engine import distributed as dist_utils
 from prism_ds.jsonl import jsonl_rows
+from prism_ds.models.loading import load_model, mask_token_id, vocab_size
+from prism_ds.text.tokenizer import load_tokenizer
 
 SETTING_KEYS = ("canvas", "gen_length", "block_length", "steps", "k_block", "policies", "unmask_order", "temperature",
                 "top_p", "cfg_scale", "forbid_eos", "eos_confidence", "stop_at_eos", "seed", "cache", "threshold",
@@ -131,11 +135,6 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 def generate(benchmark: str, model_dir: str, cfg: RunConfig, out: str | Path, progress: bool = True) -> Path:
     """Write (or complete) `out` with n_samples solutions per task; returns the merged file (rank 0)."""
-    from prism_ds.engine import distributed as dist_utils
-    from prism_ds.engine.checkpoint import load_model
-    from prism_ds.models.loading import mask_token_id, vocab_size
-    from prism_ds.text.prompt_data import load_tokenizer
-
     check_benchmark(benchmark)
     _check(cfg)
     out = Path(out)
@@ -171,14 +170,13 @@ def generate(benchmark: str, model_dir: str, cfg: RunConfig, out: str | Path, pr
         for b, chunk in batches:
             device = tokens_device(model)
             batch = prompt_batch(tokenizer, [t for t, _ in chunk], cfg, mask_id, device)
-            extras = SamplingExtras(attention_mask=batch.attention_mask, cfg_scale=s.cfg_scale, cfg_mask=batch.fixed,
-                                    eos_id=tokenizer.eos_token_id, eos_confidence=s.eos_confidence,
-                                    stop_at_eos=s.stop_at_eos, cache=s.cache, threshold=s.threshold or None,
-                                    threshold_steps=s.threshold_steps)
+            sampler_settings = SamplerSettings.from_config(
+                s, mask_id, s.steps[0], blockwise_schedule(s, count), policy, allowed_tokens=allowed.to(device),
+                threshold=s.threshold or None, threshold_steps=s.threshold_steps, cache=s.cache, cfg_scale=s.cfg_scale,
+                eos_id=tokenizer.eos_token_id, eos_confidence=s.eos_confidence, stop_at_eos=s.stop_at_eos)
             gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{s.seed}:{b}".encode()))
-            filled = sample(model, batch.tokens, batch.fixed, mask_id, s.steps[0], blockwise_schedule(s, count),
-                            policy=policy, unmask_order=s.unmask_order, temperature=s.temperature, top_p=s.top_p,
-                            allowed_tokens=allowed.to(device), generator=gen, extras=extras)
+            filled = sample(model, batch.tokens, batch.fixed, sampler_settings, attention_mask=batch.attention_mask,
+                            cfg_mask=batch.fixed, generator=gen)
             with part.open("a", encoding="utf-8") as fh:
                 for (task, k), ids, start in zip(chunk, filled.tolist(), batch.starts.tolist()):
                     if (str(task.task_id), k) in done:  # a batch cut short by an interruption is redone whole
@@ -199,8 +197,6 @@ def tokens_device(model) -> torch.device:
 
 def _merge(out: Path, tasks: list[CodeTask], settings: dict, world: int, rank: int) -> Path:
     """Rank 0 gathers every rank's lines into `out`, in task order, once all ranks are done."""
-    from prism_ds.engine import distributed as dist_utils
-
     if world == 1:
         return out
     dist_utils.barrier()

@@ -7,14 +7,13 @@ from pathlib import Path
 
 from prism_ds.codeeval.generate import generate
 from prism_ds.codeeval.score import score, table
+from prism_ds.engine.distributed import rank
 
 
 def sweep(benchmark: str, model_dir: str, cfg, k_blocks: list[int], out_dir: str | Path,
           progress: bool = True) -> str:
     """Generate (on every rank) and score (rank 0) every (policy, K_block); returns the full table and the
     best-per-policy table on rank 0, "" elsewhere."""
-    from prism_ds.engine.distributed import rank
-
     out_dir = Path(out_dir)
     reports = []
     for policy in cfg.sampler.policies:

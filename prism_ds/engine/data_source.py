@@ -7,12 +7,20 @@ token and a held-out batch for the quality head's calibration.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from prism_ds.config import ConfigError, RunConfig
+from prism_ds.engine import distributed as dist_utils
+from prism_ds.models import mdlm
+from prism_ds.models.loading import mask_token_id, vocab_size as model_vocab
+from prism_ds.sudoku.board import MASK_ID
+from prism_ds.sudoku.data import board_spec, train_boards
+from prism_ds.text.packed_data import PackedTextStream, heldout_sequences
+from prism_ds.text.prompt_data import PromptSolutionStream
+from prism_ds.text.tokenizer import load_tokenizer, special_ids
 
 HELDOUT_SAMPLES = 256  # sequences the quality head's calibration is measured on (never trained on)
 # Board draws get their own seed stream: sharing the masking generator's seed would replay the same
@@ -121,10 +129,6 @@ def mask_seed(cfg: RunConfig, rank: int) -> int:
 
 
 def _sudoku_task(cfg: RunConfig, micro_batch_size: int, rank: int, progress: bool) -> Task:
-    from prism_ds.engine import distributed as dist_utils
-    from prism_ds.sudoku.board import MASK_ID
-    from prism_ds.sudoku.data import board_spec, train_boards
-
     spec = board_spec(cfg)
     if rank == 0:  # rank 0 generates (or validates) the boards; the others then read its file
         train_boards(cfg, progress)
@@ -139,10 +143,6 @@ def _sudoku_task(cfg: RunConfig, micro_batch_size: int, rank: int, progress: boo
 
 
 def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int) -> Task:
-    from dataclasses import replace
-
-    from prism_ds.text.prompt_data import PromptSolutionStream, load_tokenizer, special_ids
-
     text = cfg.text
     if cfg.model.kind != "dit" and not text.tokenizer:  # a model folder carries its own tokenizer
         text = replace(text, tokenizer=cfg.model.path)
@@ -151,8 +151,6 @@ def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int
     if cfg.model.kind == "dit":
         vocab_size, mask_id, _ = special_ids(tokenizer)
     else:
-        from prism_ds.models.loading import mask_token_id, vocab_size as model_vocab
-
         vocab_size, mask_id = model_vocab(cfg.model.path), mask_token_id(cfg.model.path, tokenizer)
         if len(tokenizer) > vocab_size:
             raise ConfigError(f"text.tokenizer: {len(tokenizer)} tokens, but the model in {cfg.model.path} has only "
@@ -172,11 +170,6 @@ def _text_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int
 
 def _packed_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: int, progress: bool) -> Task:
     """MDLM-style packed documents (OpenWebText): every position maskable, loss normalised by L."""
-    from dataclasses import replace
-
-    from prism_ds.text.packed_data import PackedTextStream, heldout_sequences
-    from prism_ds.text.tokenizer import load_tokenizer, special_ids
-
     text, kind = cfg.text, cfg.model.kind
     if kind == "mdlm" and not text.tokenizer:  # an MDLM folder may carry its tokenizer; a .ckpt never does
         if not Path(cfg.model.path).is_dir():
@@ -187,9 +180,7 @@ def _packed_task(cfg: RunConfig, micro_batch_size: int, rank: int, world_size: i
     if kind == "dit":
         vocab_size, mask_id, _ = special_ids(tokenizer)
     elif kind == "mdlm":
-        from prism_ds.models.mdlm import vocab_and_mask
-
-        vocab_size, mask_id = vocab_and_mask(cfg.model.path, tokenizer)  # raises when they do not match
+        vocab_size, mask_id = mdlm.vocab_and_mask(cfg.model.path, tokenizer)  # raises when they do not match
     else:
         raise ConfigError(f"model.kind={kind!r}: task=packed_text trains a 'dit' or an 'mdlm' checkpoint")
     # Sampling (and so y) proposes real tokens only: never the mask, nor embedding rows past the tokenizer.

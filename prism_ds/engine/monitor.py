@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from prism_ds.core.calibration import expected_calibration_error
 from prism_ds.core.metrics import auroc
 from prism_ds.core.objective import StepLosses
 from prism_ds.engine.distributed import device as dist_device
+from prism_ds.engine.plots import reliability_figure
 
 # Dense bf16 peak per GPU, for the MFU estimate (stage.peak_tflops overrides it).
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -47,8 +49,6 @@ class Monitor:
                  backbone_trains: bool = True, term: str = "prism"):
         self.writer = None
         if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             # purge_step hides events a killed run wrote after its last checkpoint, so a resumed run's
             # curves continue without duplicated steps.
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
@@ -146,8 +146,6 @@ class Monitor:
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
-            from prism_ds.engine.plots import reliability_figure
-
             self.writer.add_figure("calibration/reliability", reliability_figure(probs, labels, n_bins), step)
         return scalars
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import get_scheduler
 
 from prism_ds.config import ConfigError, StageConfig
 
@@ -59,8 +60,6 @@ CYCLE_SCHEDULES = ("cosine", "cosine_with_restarts")  # the get_scheduler names 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, stage_name: str):
     """transformers.get_scheduler by name; the cosine schedules get lr_cycles as num_cycles when it is set."""
-    from transformers import get_scheduler
-
     if stage.lr_cycles < 0 or (stage.lr_cycles and stage.lr_schedule not in CYCLE_SCHEDULES):
         raise ConfigError(f"{stage_name}.lr_cycles={stage.lr_cycles} must be >= 0 and only applies to "
                           f"lr_schedule={' or '.join(CYCLE_SCHEDULES)} (got {stage.lr_schedule}); 0 = the "

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from prism_ds.config import ConfigError, RunConfig, save_config, to_dict
 from prism_ds.core.objective import compute_losses
 from prism_ds.engine import distributed as dist_utils
-from prism_ds.engine.checkpoint import backbone_file, content_hash, export_trainable, load_backbone, read_meta
+from prism_ds.engine.checkpoint import export_trainable
 from prism_ds.engine.cpu_kernels import use_cpu_kernels
 from prism_ds.engine.data_source import Batch, Task, build_task, mask_seed
 from prism_ds.engine.ema import EMA
@@ -29,7 +29,10 @@ from prism_ds.engine.monitor import Monitor
 from prism_ds.engine.optim import build_optimizer, build_scheduler
 from prism_ds.engine.resume import config_diff, latest_tag, load_training_state, save_training_state, signature
 from prism_ds.models.critic import build_critic
+from prism_ds.models.loading import build_pretrained_model, load_model
+from prism_ds.models.mdlm import load_into
 from prism_ds.models.prism_model import PrismModel, build_model, dit_dims
+from prism_ds.models.weights import backbone_file, content_hash, load_backbone, read_meta
 
 STAGES = {"pretrain": "pretrain", "finetune": "prism", "critic": "critic"}  # stage name -> loss mode
 
@@ -83,8 +86,6 @@ def _check_critic(cfg: RunConfig) -> None:
 
 def _load_f_theta(cfg: RunConfig, task: Task, device: torch.device) -> PrismModel:
     """The frozen f_theta (the finetune export's backbone, its quality head left out), in eval mode."""
-    from prism_ds.engine.checkpoint import load_model
-
     export = _f_theta_export(cfg)
     if read_meta(export)["vocab_size"] != task.vocab_size:
         raise ConfigError(f"critic: f_theta in {export} has {read_meta(export)['vocab_size']} token ids but this "
@@ -143,8 +144,6 @@ def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.
     s = getattr(cfg, stage)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     if cfg.model.kind in ("llada", "hf"):  # a pretrained folder, or (fine-tuning) this run's pretraining export over it
-        from prism_ds.models.loading import build_pretrained_model
-
         init = _hf_init(cfg) if stage == "finetune" else None
         return build_pretrained_model(cfg, stage == "finetune", not s.freeze_backbone, ds_config, init)
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
@@ -161,8 +160,6 @@ def _build(cfg: RunConfig, stage: str, task: Task, ds_config: dict) -> torch.nn.
     if init is not None:
         load_backbone(model, init)
     elif cfg.model.kind == "mdlm":  # the released MDLM weights
-        from prism_ds.models.mdlm import load_into
-
         load_into(model.backbone, cfg.model.path, cfg.model.use_ema)
     model.backbone.requires_grad_(not s.freeze_backbone)
     return model

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
+from prism_ds.models.llada import LLaDAModelLM
+
 
 @dataclass
 class BackboneOutput(ModelOutput):
@@ -40,8 +42,6 @@ class HFBackbone(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        from prism_ds.models.llada import LLaDAModelLM
-
         self._native = isinstance(unwrap(model), LLaDAModelLM)  # returns last_hidden_state, can skip logits
 
     @property

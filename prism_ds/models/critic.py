@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from prism_ds.config import QualityHeadConfig
+from prism_ds.config import QualityHeadConfig, load_config
+from prism_ds.core.remask import parse_row
 from prism_ds.core.sampler import fill_masks
 from prism_ds.models.prism_model import PrismModel, PrismOutput, build_model
+from prism_ds.models.weights import backbone_file, content_hash, load_backbone, load_quality_head, read_meta
 
 CRITIC_HEAD = "linear"  # the authors' critic head: DDitFinalLayer(hidden -> 1) on the last block, zero-initialised
 _SEED_OFFSET = 7_777_777  # the critic's x̂ draws never share the sampler generator's random stream
@@ -48,9 +50,6 @@ def missing_critic_error(path: Path) -> FileNotFoundError:
 
 def load_critic(path: str | Path, device: torch.device | str = "cpu") -> PrismModel:
     """A critic export (`<run_dir>/critic/final`) in eval mode."""
-    from prism_ds.config import load_config
-    from prism_ds.engine.checkpoint import load_backbone, load_quality_head, read_meta
-
     path = Path(path)
     if not (path / "meta.json").exists():
         raise missing_critic_error(path)
@@ -72,15 +71,11 @@ def critic_for(policies: list[str], sampler_cfg, run_dir: str | Path, device: to
     The path is sampler.critic, else <run_dir>/critic/final; a missing export is an error naming both. With
     `checkpoint` (the export sampled from), a critic trained against another f_theta than its backbone is warned
     about: its scores describe another model's x̂."""
-    from prism_ds.core.remask import parse_row
-
     if not any(parse_row(p, sampler_cfg.remask_count)[0] == "token-critic" for p in policies):
         return None, None
     path = Path(sampler_cfg.critic) if sampler_cfg.critic else default_critic_path(run_dir)
     critic = load_critic(path, device)
     if checkpoint is not None:
-        from prism_ds.engine.checkpoint import backbone_file, content_hash, read_meta
-
         if read_meta(path)["vocab_size"] != read_meta(checkpoint)["vocab_size"]:
             raise ValueError(f"sampler.critic={str(path)!r} reads {read_meta(path)['vocab_size']} token ids but "
                              f"{checkpoint} has {read_meta(checkpoint)['vocab_size']}: a critic of another task")

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from prism_ds.models.flash import flash_attn_func
 
+LLADA_MASK = "<|mdm_mask|>"  # LLaDA's tokenizer has no mask_token, only this added special token
 # Official config values this implementation does not cover: loading such a folder is an error.
 _SUPPORTED = {"block_type": ("llama",), "activation_type": ("silu",), "layer_norm_type": ("rms",),
               "alibi": (False,), "rope": (True,), "weight_tying": (False,), "include_bias": (False,),
@@ -248,8 +249,6 @@ class LLaDAModelLM(PreTrainedModel):
 
 def register() -> None:
     """Make AutoConfig / AutoModel resolve model_type "llada" to these classes (no trust_remote_code)."""
-    from transformers import AutoConfig, AutoModel
-
     try:
         AutoConfig.register("llada", LLaDAConfig)
         AutoModel.register(LLaDAConfig, LLaDAModelLM)

@@ -1,4 +1,7 @@
-"""Pretrained backbone folders (a Hugging Face model directory): check, load, add LoRA, attach a head.
+"""Loading models: `load_model` (exports, MDLM checkpoints, pretrained folders) and pretrained Hugging Face folders.
+
+`load_model` rebuilds the model a prism-ds export, an MDLM checkpoint or a pretrained folder describes, ready to
+sample; the engine builds its training models from the same pieces (`build_pretrained_model`, mdlm.load_into).
 
 A folder is dispatched on its config.json `model_type`: "llada" loads prism-ds's own LLaDA
 (no trust_remote_code); anything else loads through AutoModel with `model.trust_remote_code=true`
@@ -15,11 +18,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import AutoModel
+from transformers.integrations import HfDeepSpeedConfig
 
-from prism_ds.config import ConfigError, LoraConfig, ModelConfig
+from prism_ds.config import ConfigError, LoraConfig, ModelConfig, RunConfig, load_config
 from prism_ds.devices import uses_cuda
-
-_INDEX = "model.safetensors.index.json"
+from prism_ds.models import mdlm
+from prism_ds.models.backbone import HFBackbone
+from prism_ds.models.llada import LLADA_MASK, LLaDAConfig, LLaDAModelLM
+from prism_ds.models.prism_model import PrismModel, build_model
+from prism_ds.models.quality_heads import build_quality_head
+from prism_ds.models.weights import load_backbone, load_quality_head, load_weights_into, read_meta, weight_map
 
 
 def read_config_json(path: str | Path) -> dict:
@@ -33,39 +44,16 @@ def read_config_json(path: str | Path) -> dict:
         raise ValueError(f"{file}: invalid JSON ({e})") from None
 
 
-def _weight_files(path: Path) -> dict[str, str]:
-    """{weight name: file} from the safetensors index, or from a single model.safetensors."""
-    index = path / _INDEX
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index (expected JSON with a 'weight_map'; {e!r})") from None
-        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
-        if missing:
-            raise FileNotFoundError(f"{path}: shard(s) listed in {_INDEX} are missing: {', '.join(missing)}")
-        return weight_map
-    single = path / "model.safetensors"
-    if single.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {k: single.name for k in f.keys()}
-    raise FileNotFoundError(f"{path}: no {_INDEX} and no model.safetensors (only safetensors checkpoints are read)")
-
-
 def check_checkpoint_files(path: str | Path, expected: dict[str, tuple[int, ...]]) -> None:
     """Every expected weight is in the folder's shards with the expected shape, and nothing else is."""
-    from safetensors import safe_open
-
     path = Path(path)
-    weight_map = _weight_files(path)
-    missing, unexpected = sorted(set(expected) - set(weight_map)), sorted(set(weight_map) - set(expected))
+    files = weight_map(path)
+    missing, unexpected = sorted(set(expected) - set(files)), sorted(set(files) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint names do not match config.json's model (missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]})")
     by_file: dict[str, list[str]] = {}
-    for name, file in weight_map.items():
+    for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in sorted(by_file.items()):
         with safe_open(str(path / file), framework="pt") as f:  # reads headers only
@@ -93,8 +81,6 @@ def load_pretrained(model_cfg: ModelConfig, dtype: torch.dtype | None = None) ->
     raw = read_config_json(path)
     dtype = dtype or _dtype(model_cfg.dtype)
     if raw.get("model_type") == "llada":
-        from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM
-
         config = LLaDAConfig.from_pretrained(str(path))
         config.check_supported(str(path / "config.json"))
         with torch.device("meta"):
@@ -103,8 +89,6 @@ def load_pretrained(model_cfg: ModelConfig, dtype: torch.dtype | None = None) ->
         model = LLaDAModelLM.from_pretrained(str(path), config=config, dtype=dtype)
         model.use_flash_attention = model_cfg.attention == "flash"
     elif model_cfg.trust_remote_code:
-        from transformers import AutoModel
-
         model = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=True)
     else:
         raise ConfigError(f"{path / 'config.json'}: model_type={raw.get('model_type')!r} has no prism-ds "
@@ -118,8 +102,6 @@ def load_pretrained(model_cfg: ModelConfig, dtype: torch.dtype | None = None) ->
 
 def add_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     """Wrap with peft LoRA adapters on `lora.target_modules` (base frozen); errors name a missing target."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     absent = [t for t in lora.target_modules if t not in leaves]
     if absent:
@@ -135,8 +117,6 @@ def add_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
 
 def mask_token_id(path: str | Path, tokenizer=None) -> int:
     """config.json's mask_token_id, else the tokenizer's mask token or '<|mdm_mask|>'; an error when neither exists."""
-    from prism_ds.text.tokenizer import LLADA_MASK
-
     raw = read_config_json(path)
     if raw.get("mask_token_id") is not None:
         return int(raw["mask_token_id"])
@@ -169,22 +149,14 @@ def build_pretrained_model(cfg, with_head: bool, train_backbone: bool, ds_config
     under deepspeed.zero.Init while an HfDeepSpeedConfig is alive, and rank 0 copies the checkpoint in.
     init: an export whose backbone.safetensors (e.g. this run's pretraining) replaces model.path's weights.
     """
-    from prism_ds.models.backbone import HFBackbone
-    from prism_ds.models.prism_model import PrismModel
-    from prism_ds.models.quality_heads import build_quality_head
-
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) >= 3
     dtype = _dtype(cfg.model.dtype)
     if ds_config is not None:  # the engine's precision decides (build_ds_config made it agree with model.dtype)
         dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     if zero3:
-        from transformers.integrations import HfDeepSpeedConfig
-
         live = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers reads it through a weak reference
     base = load_pretrained(cfg.model, dtype)
     if init is not None:  # before LoRA wraps it, so the names are the backbone's own
-        from prism_ds.engine.checkpoint import load_weights_into
-
         load_weights_into(HFBackbone(base), Path(init) / "backbone.safetensors")
     torch.manual_seed(cfg.seed)  # the same adapters and head on every rank
     if cfg.lora.r > 0:
@@ -196,8 +168,61 @@ def build_pretrained_model(cfg, with_head: bool, train_backbone: bool, ds_config
         base.requires_grad_(train_backbone)
     head = None
     if with_head:  # zero.Init even when disabled wants a process group, so it is entered only for ZeRO-3
+        # deepspeed fixes its accelerator when first imported (DS_ACCELERATOR, which engine.distributed sets for
+        # CPU runs), so it is imported at use, never when prism_ds is.
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext():
             head = build_quality_head(cfg.quality_head.kind, hidden_size(base.config), None).to(dtype)
     return PrismModel(HFBackbone(base), head)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", merge_adapter: bool = False,
+               trust_remote_code: bool = False) -> tuple[PrismModel, RunConfig]:
+    """(PrismModel in eval mode, RunConfig) from a prism-ds export or a pretrained Hugging Face folder.
+
+    An export (meta.json) is rebuilt with its head, LoRA adapter and trained weights; a pretrained folder
+    (config.json: LLaDA, or any MDM with trust_remote_code) gives the bare backbone. merge_adapter folds
+    LoRA into the base weights for faster sampling (logits then match up to rounding).
+    """
+    path = Path(path)
+    if mdlm.is_mdlm(path):  # a released MDLM folder or .ckpt: the bare DiT with SUBS logits
+        cfg = RunConfig(task="packed_text")
+        cfg.model.kind, cfg.model.path = "mdlm", str(path)
+        dims = mdlm.dims_of(str(path))
+        model = build_model(cfg.model, cfg.quality_head, dims.vocab_size, with_head=False, mask_id=dims.vocab_size - 1)
+        mdlm.load_into(model.backbone, path, cfg.model.use_ema)
+        return model.to(device).eval(), cfg
+    if not (path / "meta.json").exists():
+        kind = "llada" if read_config_json(path).get("model_type") == "llada" else "hf"
+        cfg = RunConfig(task="text")
+        cfg.model.kind, cfg.model.path, cfg.model.trust_remote_code = kind, str(path), trust_remote_code
+        return PrismModel(HFBackbone(load_pretrained(cfg.model))).to(device).eval(), cfg
+    meta = read_meta(path)
+    cfg = load_config(str(path / "config.yaml"))
+    has_head = (path / "quality_head.safetensors").exists()
+    if cfg.model.kind in ("dit", "mdlm"):
+        model = build_model(cfg.model, cfg.quality_head, meta["vocab_size"], with_head=has_head,
+                            mask_id=meta.get("mask_id"), dims=meta.get("dit"))
+        base = meta.get("base_backbone")
+        if not (path / "backbone.safetensors").exists() and base and mdlm.is_mdlm(base):
+            mdlm.load_into(model.backbone, base, cfg.model.use_ema)  # a frozen MDLM backbone
+        else:
+            load_backbone(model, path)
+    else:
+        cfg.model.path = meta.get("base_backbone", cfg.model.path)  # resolved at export time
+        base = load_pretrained(cfg.model)
+        if "init_backbone" in meta:  # fine-tuned from this run's pretraining of the folder's model
+            load_weights_into(HFBackbone(base), Path(meta["init_backbone"]) / "backbone.safetensors")
+        if (path / "adapter").exists():
+            # Adapters in the base's dtype, as trained (add_lora): peft would upcast them to fp32 over a bf16
+            # base, and the reloaded model would no longer compute what the engine computed.
+            base = PeftModel.from_pretrained(base, str(path / "adapter"), autocast_adapter_dtype=False)
+            base = base.merge_and_unload() if merge_adapter else base
+        head = build_quality_head(cfg.quality_head.kind, hidden_size(base.config), None) if has_head else None
+        model = PrismModel(HFBackbone(base), head.to(next(base.parameters()).dtype) if head is not None else None)
+        if (path / "backbone.safetensors").exists():
+            load_weights_into(model.backbone, path / "backbone.safetensors")
+    if has_head:
+        load_quality_head(model, path)
+    return model.to(device).eval(), cfg

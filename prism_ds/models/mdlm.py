@@ -20,6 +20,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from prism_ds.models.dit import DiT
+from prism_ds.models.weights import load_state_into, weight_map
 
 PREFIX = "backbone."
 # The only globals a checkpoint may name: what torch.save writes for tensors and containers. Anything else
@@ -132,14 +136,10 @@ def _strip(state: dict, source: Path) -> dict[str, torch.Tensor]:
 
 
 def _folder_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from prism_ds.models.loading import _weight_files
-
     if (path / "pytorch_model.bin").exists() and not (path / "model.safetensors").exists():
         return _strip(torch.load(str(path / "pytorch_model.bin"), map_location="cpu", weights_only=True), path)
     state: dict[str, torch.Tensor] = {}
-    for file in sorted(set(_weight_files(path).values())):
+    for file in sorted(set(weight_map(path).values())):
         state.update(load_file(str(path / file)))
     return _strip(state, path)
 
@@ -163,9 +163,7 @@ def _ema_state(ckpt: dict, state: dict[str, torch.Tensor], dims: MDLMDims, sourc
     return out
 
 
-def _build(dims: MDLMDims, **kw):
-    from prism_ds.models.dit import DiT
-
+def _build(dims: MDLMDims, **kw) -> DiT:
     return DiT(dims.vocab_size, dims.hidden, dims.n_blocks, dims.n_heads, dims.cond_dim, **kw)
 
 
@@ -227,7 +225,5 @@ def vocab_and_mask(path: str | Path, tokenizer) -> tuple[int, int]:
 
 def load_into(backbone: torch.nn.Module, path: str | Path, use_ema: bool = True) -> None:
     """Copy an MDLM checkpoint's weights into a DiT (ZeRO-3 partitions included)."""
-    from prism_ds.engine.checkpoint import load_state_into
-
     state, _ = read_checkpoint(path, use_ema)
     load_state_into(backbone, state, str(path))

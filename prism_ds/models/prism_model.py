@@ -8,6 +8,7 @@ import torch.nn as nn
 from transformers.utils import ModelOutput
 
 from prism_ds.models.dit import DiT
+from prism_ds.models.mdlm import dims_of
 from prism_ds.models.quality_heads import QualityHead, build_quality_head
 
 
@@ -53,8 +54,6 @@ class PrismModel(nn.Module):
 def dit_dims(model_cfg) -> dict:
     """The DiT's sizes: model.* for kind=dit, the checkpoint's for kind=mdlm (exports record them in meta.json)."""
     if model_cfg.kind == "mdlm":
-        from prism_ds.models.mdlm import dims_of
-
         d = dims_of(model_cfg.path)
         return {"hidden": d.hidden, "n_blocks": d.n_blocks, "n_heads": d.n_heads, "cond_dim": d.cond_dim,
                 "mlp_ratio": 4, "vocab_size": d.vocab_size}

@@ -9,10 +9,16 @@ fillers, so the tokenizer has the official 126349 entries and the model the offi
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from prism_ds.models.llada import LLaDAConfig, LLaDAModelLM
 
 BOS, EOS, CLS, GMASK, MASK = "<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]", "<|mdm_mask|>"
 FIRST_SPECIAL_ID, MASK_ID, VOCAB_ROWS = 126080, 126336, 126464
@@ -39,9 +45,6 @@ def special_tokens() -> list[str]:
 
 
 def _stdlib_corpus() -> list[str]:
-    import importlib
-    import inspect
-
     return [inspect.getsource(importlib.import_module(name)) for name in _CORPUS_MODULES]
 
 
@@ -49,9 +52,6 @@ def build_tokenizer(out_dir: str | Path, bpe_vocab: int = 2048, compact: bool = 
                     corpus: list[str] | None = None):
     """Train the small BPE (on `corpus`, default the standard library's source), pad the vocabulary to the
     official layout (compact: no padding, the specials follow the BPE tokens), add the specials; save it."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trained.train_from_iterator(corpus or _stdlib_corpus(), trainers.BpeTrainer(
@@ -76,8 +76,6 @@ def build_tokenizer(out_dir: str | Path, bpe_vocab: int = 2048, compact: bool = 
 def tiny_config(d_model: int = 64, n_layers: int = 2, n_heads: int = 4, mlp_hidden_size: int = 128,
                 vocab_rows: int = VOCAB_ROWS, mask_id: int = MASK_ID, eos_id: int = 126081):
     """The official config.json fields at a tiny size."""
-    from prism_ds.models.llada import LLaDAConfig
-
     official = {"activation_type": "silu", "alibi": False, "block_type": "llama", "embedding_size": vocab_rows,
                 "eos_token_id": eos_id, "pad_token_id": eos_id, "include_bias": False, "include_qkv_bias": False,
                 "layer_norm_type": "rms", "mask_token_id": mask_id, "max_sequence_length": 4096, "rope": True,
@@ -90,9 +88,6 @@ def tiny_config(d_model: int = 64, n_layers: int = 2, n_heads: int = 4, mlp_hidd
 def write_code_pairs(out_dir: str | Path, max_lines: int = 40, max_prompt_chars: int = 160) -> tuple[Path, Path]:
     """Instruction/code pairs from the standard library's own functions (prompt: name, signature and the
     docstring's first line; solution: the source), as train.jsonl and heldout.jsonl (every 10th pair)."""
-    import importlib
-    import inspect
-
     rows = []
     for name in _CORPUS_MODULES:
         module = importlib.import_module(name)
@@ -124,8 +119,6 @@ def write_tiny_llada(out_dir: str | Path, seed: int = 0, d_model: int = 64, n_la
     compact: the vocabulary is the BPE's own plus the specials (a few thousand rows instead of 126464), for
     models trained from scratch on CPU; ids then differ from LLaDA's, names and chat template do not.
     """
-    from prism_ds.models.llada import LLaDAModelLM
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, compact=compact, corpus=corpus)

@@ -9,15 +9,20 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from prism_ds.config import RunConfig, SamplerConfig, to_dict
 from prism_ds.core.metrics import mean_ci95
 from prism_ds.core.remask import no_quality_error, parse_row
-from prism_ds.core.sampler import sample
+from prism_ds.core.sampler import SamplerSettings, sample
 from prism_ds.core.schedules import even_family_schedule
+from prism_ds.engine import distributed as dist_utils
 from prism_ds.models.critic import CriticScored, critic_for
+from prism_ds.models.loading import load_model
+from prism_ds.models.weights import backbone_file, content_hash
 from prism_ds.sudoku.board import MASK_ID, BoardSpec, is_solved
+from prism_ds.sudoku.data import board_spec, eval_puzzles
 
 # Sampler keys that choose which cells exist (not how a cell is computed): left out of the cache key.
 # (batch_size stays in: the random draws of a batch depend on its size.) The critic's path is left out too: its
@@ -41,13 +46,12 @@ def solve(model, spec: BoardSpec, puzzles: torch.Tensor, steps: int, variant: st
             raise no_quality_error(policy)
         model = CriticScored(model, critic, MASK_ID, spec.digit_tokens().to(puzzles.device), seed=seed,
                              temperature=cfg.temperature, top_p=cfg.top_p)
+    settings = SamplerSettings.from_config(cfg, MASK_ID, steps, schedule, policy,
+                                           allowed_tokens=spec.digit_tokens().to(puzzles.device))
     outs = []
     for start in range(0, len(puzzles), cfg.batch_size):
         batch = puzzles[start:start + cfg.batch_size]
-        outs.append(sample(model, batch, fixed=batch != MASK_ID, mask_id=MASK_ID, num_steps=steps, schedule=schedule,
-                           policy=policy, unmask_order=cfg.unmask_order, temperature=cfg.temperature,
-                           top_p=cfg.top_p, allowed_tokens=spec.digit_tokens().to(puzzles.device), generator=gen,
-                           progress=progress))
+        outs.append(sample(model, batch, batch != MASK_ID, settings, generator=gen, progress=progress))
     return torch.cat(outs)
 
 
@@ -128,8 +132,6 @@ def results_key(checkpoint: str | Path, puzzles_path: Path, cfg: SamplerConfig, 
                 ) -> str:
     """Cache key from the checkpoint's content (meta + weights), the puzzles' content and the sampler settings, and
     a critic's content when given (the mechanism report; the table records it per token-critic cell instead)."""
-    from prism_ds.engine.checkpoint import backbone_file, content_hash
-
     checkpoint = Path(checkpoint)
     files = [checkpoint / "meta.json", backbone_file(checkpoint), *sorted(checkpoint.glob("quality_head*.safetensors")),
              puzzles_path]
@@ -139,20 +141,12 @@ def results_key(checkpoint: str | Path, puzzles_path: Path, cfg: SamplerConfig, 
 
 def critic_content(critic: str | Path) -> str:
     """Content hash of a critic export (meta + weights): which critic computed a token-critic cell."""
-    from prism_ds.engine.checkpoint import backbone_file, content_hash
-
     critic = Path(critic)
     return content_hash([critic / "meta.json", backbone_file(critic), critic / "quality_head.safetensors"], "")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, progress: bool = True) -> str:
     """Success table of a checkpoint on the run's evaluation puzzles; results are cached next to it."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from prism_ds.engine import distributed as dist_utils
-    from prism_ds.engine.checkpoint import load_model
-    from prism_ds.sudoku.data import board_spec, eval_puzzles
-
     device = dist_utils.device()
     model, ckpt_cfg = load_model(checkpoint, device)
     spec = board_spec(ckpt_cfg)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from prism_ds.config import SamplerConfig
 from prism_ds.core.metrics import mean_ci95
 from prism_ds.core.remask import parse_row
-from prism_ds.core.sampler import SamplingExtras, sample
+from prism_ds.core.sampler import SamplerSettings, SamplingRecord, sample
 from prism_ds.core.sampling_utils import drawing_logits, select_top
 from prism_ds.core.schedules import even_family_schedule
 from prism_ds.sudoku.board import MASK_ID, BoardSpec
@@ -93,11 +93,11 @@ def _trajectory(model, spec: BoardSpec, batch: torch.Tensor, steps: int, variant
     policy, count, kind = parse_row(variant, cfg.remask_count)
     if kind in ("loop", "remdm-loop"):  # their pass sees a board with random cells remasked, not the step's state
         raise ValueError(f"{variant!r}: loop steps remask before their pass; use an even or ancestral row")
-    history: list = []
-    sample(model, batch, fixed=batch != MASK_ID, mask_id=MASK_ID, num_steps=steps,
-           schedule=even_family_schedule(kind, count, cfg, steps), policy=policy, unmask_order=cfg.unmask_order,
-           temperature=cfg.temperature, top_p=cfg.top_p, allowed_tokens=spec.digit_tokens().to(batch.device),
-           generator=gen, extras=SamplingExtras(history=history))
+    record = SamplingRecord(keep_steps=True)
+    settings = SamplerSettings.from_config(cfg, MASK_ID, steps, even_family_schedule(kind, count, cfg, steps), policy,
+                                           allowed_tokens=spec.digit_tokens().to(batch.device))
+    sample(model, batch, batch != MASK_ID, settings, generator=gen, record=record)
+    history = record.steps
     after = torch.stack([h[0] for h in history])
     unmasked = torch.stack([h[2] for h in history])
     return torch.cat([batch[None], after[:-1]]), after, unmasked

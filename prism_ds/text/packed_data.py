@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from prism_ds.config import ConfigError, TextDataConfig
 from prism_ds.text.prompt_data import (RowStream, TextBatch, _RowError, check_stream_args, missing_columns,
@@ -107,8 +108,6 @@ def _first_documents(cfg: TextDataConfig, n: int, progress: bool = False) -> lis
     key = (cfg.source, cfg.subset, cfg.split, cfg.text_field, stamp)
     if key in _FIRST and (len(_FIRST[key][0]) >= n or _FIRST[key][1]):
         return _FIRST[key][0][:n]
-    from tqdm.auto import tqdm
-
     reader = _Documents(replace(cfg, shuffle_buffer=0, heldout_docs=0), scan_utf8=False)
     docs: list[str] = []
     bar = tqdm(total=n, desc="held-out documents", unit="doc", disable=not progress or n < _PROGRESS_MIN)

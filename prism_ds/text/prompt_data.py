@@ -22,7 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import datasets.config as hf_config
+import pyarrow.parquet as pq
 import torch
+from datasets import load_dataset
+from datasets.distributed import split_dataset_by_node
 
 from prism_ds.config import ConfigError, TextDataConfig
 from prism_ds.text.prompt_format import check_prompt_format, prompt_ids, solution_text
@@ -133,8 +137,6 @@ def _local_rows(builder: str, files: list[str]) -> Iterator[tuple[str, dict]]:
                             raise ValueError(f"{path}, line {n}: invalid JSON ({e.msg} at character {e.pos + 1})") from None
                         yield f"{path}, line {n}", row if isinstance(row, dict) else {}
         else:
-            import pyarrow.parquet as pq
-
             n = 0
             for rb in pq.ParquetFile(path).iter_batches():
                 for row in rb.to_pylist():
@@ -218,11 +220,6 @@ class RowStream:
 
     def _build_dataset(self):
         """This rank's streaming HF dataset (sharded, then shuffled with a buffer when asked)."""
-        from datasets import load_dataset
-        from datasets.distributed import split_dataset_by_node
-
-        import datasets.config as hf_config
-
         cfg = self.cfg
         # Local files: HF would still ping the hub to count a download, which stalls seconds offline.
         counts = hf_config.HF_UPDATE_DOWNLOAD_COUNTS

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prism_ds.config import ConfigError, TextDataConfig
+from transformers import AutoTokenizer
 
-LLADA_MASK = "<|mdm_mask|>"  # LLaDA's tokenizer has no mask_token, only this added special token
+from prism_ds.config import ConfigError, TextDataConfig
+# Importing LLaDA registers model_type "llada", whose config AutoTokenizer reads from a LLaDA folder. LLADA_MASK
+# lives with the model it belongs to (models.loading reads it too) and stays importable from here.
+from prism_ds.models.llada import LLADA_MASK
 
 
 def is_local_path(name: str) -> bool:
@@ -15,10 +18,6 @@ def is_local_path(name: str) -> bool:
 
 def load_tokenizer(cfg: TextDataConfig):
     """`AutoTokenizer.from_pretrained(cfg.tokenizer)`, with errors that name `text.tokenizer`."""
-    from transformers import AutoTokenizer
-
-    import prism_ds.models.llada  # noqa: F401 - registers model_type "llada", whose config AutoTokenizer reads
-
     name = cfg.tokenizer.strip()
     if not name:
         raise ConfigError("text.tokenizer: empty; set it to a tokenizer directory (or a hub name when online)")

@@ -21,6 +21,11 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from prism_ds.models.weights import content_hash
+
 EOT, MASK = "<|endoftext|>", "[MASK]"
 SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "site-packages", "__pycache__"}  # test code, IDE, 3rd party
 CORPUS_META = "corpus_meta.json"
@@ -128,16 +133,11 @@ def _texts(files: list[Path]) -> Iterator[str]:
 
 def _fingerprint(files: list[Path]) -> list[list[str]]:
     """(name, sha256) of each training file: the tokenizer is retrained when its text changes."""
-    from prism_ds.engine.checkpoint import content_hash
-
     return [[p.name, content_hash([p])] for p in files]
 
 
 def train_bpe_tokenizer(files: list[str | Path] | str | Path, out_dir: str | Path, vocab_size: int = 4096) -> Path:
     """A byte-level BPE of vocab_size tokens (mask = vocab_size - 1) trained on files, saved in out_dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     paths = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     if not paths:
         raise ValueError("train_bpe_tokenizer: no training files")

@@ -14,13 +14,16 @@ import json
 from pathlib import Path
 
 from prism_ds.config import ConfigError, RunConfig
+from prism_ds.engine.trainer import train
 from prism_ds.jsonl import jsonl_rows
+from prism_ds.text.packed_data import heldout_documents
+from prism_ds.textgen import corpus  # called through the module, so a test can stand in a small corpus
+from prism_ds.textgen.generate import text_table
+from prism_ds.textgen.scorer_lm import train_causal_lm
 
 
 def _scorer_documents(cfg: RunConfig, out: Path) -> Path:
     """The training documents without the held-out ones (the scorer must not have read MAUVE's references)."""
-    from prism_ds.text.packed_data import heldout_documents
-
     held = set(heldout_documents(cfg.text))
     kept = [row for _, row in jsonl_rows(cfg.text.source) if row[cfg.text.text_field] not in held]
     tmp = out.with_suffix(".tmp")
@@ -31,21 +34,16 @@ def _scorer_documents(cfg: RunConfig, out: Path) -> Path:
 
 def run_text_demo(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> str:
     """Corpus and tokenizer, pretraining, PRISM fine-tuning, scorer LM, and the Table 2 layout; returns the table."""
-    from prism_ds.engine.trainer import train
-    from prism_ds.textgen.corpus import train_bpe_tokenizer, write_stdlib_corpus
-    from prism_ds.textgen.generate import text_table
-    from prism_ds.textgen.scorer_lm import train_causal_lm
-
     if cfg.task != "packed_text" or cfg.model.kind != "dit":
         raise ConfigError("the text demo trains a DiT from scratch on packed documents (task=packed_text, "
                           "model.kind=dit); for a released MDLM checkpoint use `prism-ds train` and `prism-ds text-eval`")
     source = Path(cfg.text.source)
     if "," in cfg.text.source or source.suffix != ".jsonl":
         raise ConfigError(f"text.source={cfg.text.source!r}: the demo writes its corpus to one .jsonl file")
-    train_file, _ = write_stdlib_corpus(source.parent, heldout_fraction=0.0)
+    train_file, _ = corpus.write_stdlib_corpus(source.parent, heldout_fraction=0.0)
     if train_file.resolve() != source.resolve():
         raise ConfigError(f"text.source={cfg.text.source!r}: the demo's corpus is written to {train_file}")
-    train_bpe_tokenizer([train_file], cfg.text.tokenizer, vocab_size=2048)
+    corpus.train_bpe_tokenizer([train_file], cfg.text.tokenizer, vocab_size=2048)
     train(cfg, "pretrain", progress, overwrite)
     final = train(cfg, "finetune", progress, overwrite)
     scorer_docs = _scorer_documents(cfg, source.parent / "scorer_train.jsonl")

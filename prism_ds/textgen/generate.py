@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from prism_ds.config import ConfigError, RunConfig, SamplerConfig
 from prism_ds.core.remask import parse_row
-from prism_ds.core.sampler import sample
+from prism_ds.core.sampler import SamplerSettings, sample
 from prism_ds.core.schedules import even_family_schedule
+from prism_ds.engine.distributed import device as default_device
+from prism_ds.models.loading import load_model
+from prism_ds.text.packed_data import heldout_sequences
+from prism_ds.text.tokenizer import load_tokenizer
 from prism_ds.textgen import table as tables
 from prism_ds.textgen.samples import fill_cell, model_fingerprint
 
@@ -28,10 +34,6 @@ _SAMPLER_KEYS = ("remask_count", "remask_k", "eta", "eta_steps", "eta_cap", "rem
 
 
 def _tokenizer(cfg: RunConfig):
-    from dataclasses import replace
-
-    from prism_ds.text.tokenizer import load_tokenizer
-
     if not cfg.text.tokenizer and not Path(cfg.model.path).is_dir():
         raise ConfigError("text.tokenizer: empty and model.path is not a folder with one; set text.tokenizer "
                           "(MDLM's OWT model uses GPT-2's: text.tokenizer=gpt2 or a local copy)")
@@ -59,9 +61,9 @@ def generate_batch(model, n: int, length: int, mask_id: int, row: str, steps: in
     schedule = even_family_schedule(kind, count, s, steps)
     device = next(model.parameters()).device
     tokens = torch.full((n, length), mask_id, dtype=torch.long, device=device)
-    return sample(model, tokens, torch.zeros_like(tokens, dtype=torch.bool), mask_id, steps, schedule, policy=policy,
-                  unmask_order=s.unmask_order, temperature=s.temperature, top_p=s.top_p, allowed_tokens=allowed,
-                  generator=generator, progress=progress)
+    settings = SamplerSettings.from_config(s, mask_id, steps, schedule, policy, allowed_tokens=allowed)
+    return sample(model, tokens, torch.zeros_like(tokens, dtype=torch.bool), settings, generator=generator,
+                  progress=progress)
 
 
 def check_rows(cfg: RunConfig, has_head: bool) -> None:
@@ -78,10 +80,6 @@ def check_rows(cfg: RunConfig, has_head: bool) -> None:
 
 def text_table(cfg: RunConfig, model_path: str | Path, progress: bool = True) -> str:
     """Sample, score and tabulate every (row, N) cell; returns the markdown table (also written to out_dir)."""
-    from prism_ds.engine.checkpoint import load_model
-    from prism_ds.engine.distributed import device as default_device
-    from prism_ds.text.packed_data import heldout_sequences
-
     te, device = cfg.text_eval, default_device()
     out_dir = Path(te.out_dir or Path(cfg.run_dir) / "text_eval")
     model, _ = load_model(model_path, device)
@@ -130,8 +128,6 @@ def text_table(cfg: RunConfig, model_path: str | Path, progress: bool = True) ->
 
 def _log(tb_dir: Path, cells: list[dict], table: str) -> None:
     """TensorBoard: each row's MAUVE, gen-PPL and entropy against N, and the table as text."""
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(tb_dir)) as writer:
         for c in cells:
             if c.get("policy") == tables.DATA_ROW:

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from prism_ds.config import ConfigError
 from prism_ds.text.tokenizer import is_local_path
@@ -63,15 +64,11 @@ def _from_pretrained(cls, name: str, role: str, setting: str):
 
 def load_tokenizer(name: str | Path, role: str = "scorer", setting: str = "text_eval.scorer"):
     """The tokenizer of a scorer / featuriser folder or hub name (clear error when unavailable)."""
-    from transformers import AutoTokenizer
-
     return _from_pretrained(AutoTokenizer, str(name), role, setting)
 
 
 def load_pretrained(name: str | Path, role: str, setting: str, causal: bool):
     """(model, tokenizer) from a local folder or a hub name; a clear ModelUnavailableError otherwise."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
     model = _from_pretrained(AutoModelForCausalLM if causal else AutoModel, str(name), role, setting)
     return model, load_tokenizer(name, role, setting)
 

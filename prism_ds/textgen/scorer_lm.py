@@ -13,10 +13,12 @@ import math
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from prism_ds.jsonl import jsonl_rows
-from prism_ds.engine.checkpoint import content_hash
+from prism_ds.models.weights import content_hash
 from prism_ds.textgen.samples import differing_keys, model_fingerprint
 
 MARKER = "scorer_settings.json"
@@ -68,9 +70,6 @@ def train_causal_lm(train_jsonl: str | Path, tokenizer_dir: str | Path, out_dir:
                     n_embd: int = 128, n_head: int = 4, seq_len: int = 128, steps: int = 1000, batch_size: int = 16,
                     lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Path:
     """Train (or reuse) a small GPT2LMHeadModel on the JSONL's "text" documents; returns the saved folder."""
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     train_jsonl, tokenizer_dir, out_dir = Path(train_jsonl), Path(tokenizer_dir), Path(out_dir)
     settings = {"train_jsonl": str(train_jsonl.resolve()), "train_sha256": content_hash([train_jsonl]),
                 "tokenizer": model_fingerprint(tokenizer_dir), "n_layer": n_layer, "n_embd": n_embd,

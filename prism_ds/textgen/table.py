@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from prism_ds.models.weights import content_hash
 from prism_ds.textgen import metrics
-from prism_ds.engine.checkpoint import content_hash
 from prism_ds.textgen.samples import differing_keys, model_fingerprint, read_samples
 
 ROW_KEY, COLUMN_KEY = "policy", "steps"  # the two settings a table varies; every other setting must agree

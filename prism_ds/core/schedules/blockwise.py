@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prism_ds.core.schedules import Schedule, StepPlan
+from prism_ds.core.schedules.base import Schedule, StepPlan
 
 if TYPE_CHECKING:
     from prism_ds.config import SamplerConfig
@@ -74,19 +74,30 @@ class BlockwiseSchedule(Schedule):
                              f"to remask, the last must fill the block); steps={num_steps} gives {per_block}")
         return per_block
 
-    def plan(self, step: int, num_steps: int, masked: torch.Tensor, clean: torch.Tensor, target: torch.Tensor,
-             remasking: bool, generator: torch.Generator | None = None) -> StepPlan:
+    def plan(self, step: int | torch.Tensor, num_steps: int, masked: torch.Tensor, clean: torch.Tensor,
+             target: torch.Tensor, remasking: bool, generator: torch.Generator | None = None) -> StepPlan:
+        """step: one step for every row, or [B] long, each row's own step (threshold decoding paces rows apart);
+        window_closes and window_id are then per row too."""
         per_block = self.check(num_steps, planned_remasks=remasking)
-        block, i = divmod(step, per_block)
+        per_row = torch.is_tensor(step)
+        steps = step if per_row else torch.full((len(masked),), step, dtype=torch.long, device=masked.device)
+        block, i = torch.div(steps, per_block, rounding_mode="floor"), steps % per_block
         generated = masked | clean  # every position the sampler fills, in order; a row's blocks count from its first
         index = generated.long().cumsum(1) - 1
-        window = generated & (torch.div(index, self.block_length, rounding_mode="floor") == block)
+        window = generated & (torch.div(index, self.block_length, rounding_mode="floor") == block[:, None])
         n_masked = (masked & window).sum(1)
         steps_left = per_block - i
         base = torch.div(n_masked + steps_left - 1, steps_left, rounding_mode="floor")  # even, remainder first
-        k = remask_steps(self.k_block, per_block)[i] if remasking else 0
-        return StepPlan(window, base, remask_count=torch.full_like(base, k), window_closes=steps_left == 1,
-                        window_id=block)
+        k = torch.tensor(remask_steps(self.k_block if remasking else 0, per_block), device=masked.device)[i]
+        closes = steps_left == 1
+        if not per_row:  # every row at one step: one window for the batch
+            return StepPlan(window, base, remask_count=k, window_closes=bool(closes[0]), window_id=int(block[0]))
+        return StepPlan(window, base, remask_count=k, window_closes=closes, window_id=block)
+
+    def first_step_of_next_window(self, step: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """[B] long: the first step of the block after each row's current one (num_steps after the last)."""
+        per_block = num_steps // self.n_blocks
+        return (torch.div(step, per_block, rounding_mode="floor") + 1) * per_block
 
 
 def blockwise_schedule(sampler_cfg: SamplerConfig, remask_count: str = "fixed") -> BlockwiseSchedule:

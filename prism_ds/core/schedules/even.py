@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from prism_ds.core.schedules import REMASK_COUNTS, Schedule, StepPlan, sigma_max
+from prism_ds.core.schedules.base import REMASK_COUNTS, Schedule, StepPlan, sigma_max
 
 
 class EvenSchedule(Schedule):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prism_ds.core.schedules import SCHEDULE_KINDS, Schedule, StepPlan
+from prism_ds.core.schedules.base import SCHEDULE_KINDS, Schedule, StepPlan
 from prism_ds.core.schedules.even import EvenSchedule
 
 if TYPE_CHECKING:
