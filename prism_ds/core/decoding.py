@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from prism_ds.core.sampling_utils import select_top
-from prism_ds.core.schedules import StepPlan, unmask_scores
+from prism_ds.core.schedules import StepPlan
 
 
 UNMASK_ORDERS = ("random", "confidence")
@@ -36,7 +36,9 @@ class CountDecoder:
         if bool(fill.all()):  # before any draw, so a closing step consumes no random numbers
             return fillable
         count = torch.minimum(plan.unmask + n_remasked, fillable.sum(1))
-        chosen = select_top(unmask_scores(self.order, confidence, generator), fillable, count)
+        scores = confidence if self.order == "confidence" else torch.rand(  # "random": a uniform order
+            fillable.shape, generator=generator, device=fillable.device, dtype=torch.float64)
+        chosen = select_top(scores, fillable, count)
         return chosen | (fillable & fill[:, None])
 
 
@@ -44,15 +46,13 @@ class ThresholdDecoder:
     """Every fillable token whose confidence is at least tau, and the most confident one."""
 
     def __init__(self, tau: float):
-        if not 0 < tau <= 1:
-            raise ValueError(f"sampler.threshold={tau} must be in (0, 1] (0 in a config turns it off)")
-        self.tau = tau
+        self.tau = tau  # in (0, 1]: checked with the other fast-sampling settings (sampler.check_fast_sampling)
 
     def choose(self, plan: StepPlan, fillable: torch.Tensor, n_remasked: torch.Tensor, confidence: torch.Tensor,
                fill: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Bool [B, L]: the fillable tokens to unmask (the plan's count is not used)."""
         most = select_top(confidence, fillable, torch.ones(len(fillable), dtype=torch.long, device=fillable.device))
-        return (fillable & ((confidence >= self.tau) | most)) | (fillable & fill[:, None])
+        return fillable & ((confidence >= self.tau) | most | fill[:, None])
 
 
 def decoder_for(threshold: float | None, unmask_order: str) -> CountDecoder | ThresholdDecoder:

@@ -28,9 +28,8 @@ class PassCache:
 
     @classmethod
     def for_model(cls, mode: str, model, cfg_scale: float, n_rows: int, device: torch.device) -> PassCache | None:
-        """The cache for `mode`, or None (full passes) for mode none or a model without KV-cache support (warned)."""
-        if mode not in CACHE_MODES:
-            raise ValueError(f"sampler.cache={mode!r}: expected one of {CACHE_MODES}")
+        """The cache for `mode` (one of CACHE_MODES, checked with the other fast-sampling settings), or None (full
+        passes) for mode none or a model without KV-cache support (warned)."""
         if mode == "none":
             return None
         if cfg_scale > 0:

@@ -22,12 +22,11 @@ and N (rows are "policy[:count][/schedule]", see core/remask.parse_row).
 """
 from __future__ import annotations
 
-from prism_ds.core.schedules.base import (REMASK_COUNTS, SCHEDULE_KINDS, Schedule, StepPlan, sigma_max,
-                                          unmask_scores)
+from prism_ds.core.schedules.base import REMASK_COUNTS, SCHEDULE_KINDS, Schedule, StepPlan, sigma_max
 from prism_ds.core.schedules.blockwise import BlockwiseSchedule, blockwise_schedule
 from prism_ds.core.schedules.even import EvenSchedule
 from prism_ds.core.schedules.loop import LoopSchedule, RemdmLoopSchedule, even_family_schedule
 
-__all__ = ["REMASK_COUNTS", "SCHEDULE_KINDS", "StepPlan", "Schedule", "sigma_max", "unmask_scores",
+__all__ = ["REMASK_COUNTS", "SCHEDULE_KINDS", "StepPlan", "Schedule", "sigma_max",
            "BlockwiseSchedule", "blockwise_schedule", "EvenSchedule", "LoopSchedule", "RemdmLoopSchedule",
            "even_family_schedule"]

@@ -51,11 +51,3 @@ def sigma_max(step: int, num_steps: int) -> float:
     alpha_t, alpha_s = step / num_steps, (step + 1) / num_steps
     return 1.0 if alpha_t == 0 else min(1.0, (1 - alpha_s) / alpha_t)
 
-
-def unmask_scores(order: str, token_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Priority of each masked position for unmasking: "random" order or "confidence" (highest p first)."""
-    if order == "random":
-        return torch.rand(token_probs.shape, generator=generator, device=token_probs.device, dtype=torch.float64)
-    if order == "confidence":
-        return token_probs
-    raise ValueError(f"sampler.unmask_order={order!r}: expected 'random' or 'confidence'")

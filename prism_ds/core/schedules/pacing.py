@@ -79,8 +79,6 @@ class UntilFilled:
                  device: torch.device):
         if getattr(schedule, "k_block", None) is None:
             raise ValueError("sampler.threshold needs the blockwise schedule (it decodes block by block)")
-        if threshold_steps not in THRESHOLD_STEPS:
-            raise ValueError(f"sampler.threshold_steps={threshold_steps!r}: expected one of {THRESHOLD_STEPS}")
         # "cap": the remask round (second pass) must be refilled by a later planned step.
         schedule.check(num_steps, planned_remasks=k_block_needs_inner_step(policy, 1.0, threshold_steps))
         self.schedule, self.num_steps, self.cap = schedule, num_steps, threshold_steps == "cap"
